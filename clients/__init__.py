@@ -1,0 +1,1 @@
+"""The Flower ClientApp fedsim runs in simulation and on real devices."""

@@ -1,0 +1,121 @@
+"""Model library: every architecture registered by name and width-parametric.
+
+``fedsim.models.build(name, **kwargs)`` builds a model; each model module
+registers its factories with :data:`MODELS` at import time. Every model declares
+its hidden-unit symmetries through a ``permutation_spec()`` method (see
+:mod:`fedsim.matching.permspec`), which :func:`permutation_spec` returns.
+
+Factories take keyword-only arguments; ``input_shape`` (C, H, W) and
+``num_classes`` come from the dataset, the rest from ``configs/model/<name>.yaml``.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import inspect
+from typing import Any
+
+import torch
+
+from fedsim.matching.permspec import PermutationSpec
+from fedsim.registry import Registry
+
+__all__ = ["MODELS", "build", "names", "permutation_spec", "rebuild_kwargs"]
+
+MODELS: Registry[torch.nn.Module] = Registry("model")
+
+# Modules imported for their registrations; a new model file is added here.
+_MODULES = ("mlp", "cnn")
+
+
+def _load_all() -> None:
+    for module in _MODULES:
+        importlib.import_module(f"fedsim.models.{module}")
+
+
+def build(name: str, **kwargs: Any) -> torch.nn.Module:
+    """Build the registered model ``name``.
+
+    The model remembers how it was built (``model.fedsim_name`` and
+    ``model.fedsim_kwargs``) so that matching can rebuild it at other widths.
+
+    Raises
+    ------
+    fedsim.exceptions.ConfigError
+        For an unknown name or an option the model does not have.
+    """
+    _load_all()
+    model = MODELS.build(name, **kwargs)
+    bound = inspect.signature(MODELS.get(name)).bind(**kwargs)
+    bound.apply_defaults()
+    # plain attributes (not buffers): how to build this model again
+    object.__setattr__(model, "fedsim_name", name)
+    object.__setattr__(model, "fedsim_kwargs", _plain(dict(bound.arguments)))
+    return model
+
+
+def _plain(value: Any) -> Any:
+    """Deep copy with tuples turned into lists, so widths can be edited in place."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return copy.deepcopy(value)
+
+
+def names() -> list[str]:
+    """Names of every registered model."""
+    _load_all()
+    return MODELS.names()
+
+
+def permutation_spec(model: torch.nn.Module) -> PermutationSpec:
+    """The permutation spec the model declares for itself."""
+    declare = getattr(model, "permutation_spec", None)
+    if declare is None:
+        raise TypeError(f"{type(model).__name__} declares no permutation_spec()")
+    spec = declare()
+    if not isinstance(spec, PermutationSpec):
+        raise TypeError(
+            f"{type(model).__name__}.permutation_spec() must return a PermutationSpec"
+        )
+    return spec
+
+
+def rebuild_kwargs(
+    kwargs: dict[str, Any], spec: PermutationSpec, widths: dict[str, int]
+) -> dict[str, Any]:
+    """Build kwargs for the same model with some groups at new widths.
+
+    Parameters
+    ----------
+    kwargs : dict
+        The kwargs the model was built with (``model.fedsim_kwargs``).
+    spec : PermutationSpec
+        The model's spec; each group's ``width_key`` says where its width lives.
+    widths : dict of str to int
+        New sizes (in units) by group name.
+
+    Raises
+    ------
+    ValueError
+        If a group with a fixed width (``width_key=None``) is asked to change.
+    """
+    out = _plain(kwargs)
+    for name, units in widths.items():
+        group = spec.group(name)
+        if units == group.size:
+            continue
+        if group.width_key is None:
+            raise ValueError(f"group {name!r} has a fixed width of {group.size} units")
+        *path, last = group.width_key.split(".")
+        node: Any = out
+        for key in path:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        value = units * group.width_scale
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return out

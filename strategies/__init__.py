@@ -1,0 +1,1 @@
+"""Flower Message-API strategies, registered by name in :data:`fedsim.strategy.STRATEGIES`."""
