@@ -14,24 +14,47 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
-from typing import Any
+import pkgutil
+from typing import Any, Literal
 
 import torch
 
 from fedsim.matching.permspec import PermutationSpec
 from fedsim.registry import Registry
 
-__all__ = ["MODELS", "build", "names", "permutation_spec", "rebuild_kwargs"]
+__all__ = [
+    "MODELS",
+    "Role",
+    "build",
+    "names",
+    "permutation_spec",
+    "rebuild_kwargs",
+    "tensor_roles",
+]
 
 MODELS: Registry[torch.nn.Module] = Registry("model")
 
-# Modules imported for their registrations; a new model file is added here.
-_MODULES = ("mlp", "cnn")
+Role = Literal["average", "server", "local"]
+"""How federated training treats one state-dict tensor.
+
+``average``
+    Sent to the clients and aggregated by the strategy (the default).
+``server``
+    Owned by the server: broadcast with the model, never aggregated; clients'
+    copies are ignored (selective-conv gates and pointers, frozen LegoNet masks,
+    spectral-norm power-iteration vectors). The model may update it in
+    ``server_update``.
+``local``
+    Owned by each client: never sent, never overwritten by the server (e.g. GEN
+    node positions when they are client-local).
+"""
 
 
 def _load_all() -> None:
-    for module in _MODULES:
-        importlib.import_module(f"fedsim.models.{module}")
+    """Import every model module once, for its registrations."""
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
 
 
 def build(name: str, **kwargs: Any) -> torch.nn.Module:
@@ -119,3 +142,21 @@ def rebuild_kwargs(
         else:
             node[last] = value
     return out
+
+
+def tensor_roles(model: torch.nn.Module) -> dict[str, Role]:
+    """The federated role of every state-dict tensor of ``model``.
+
+    Models declare the tensors that are not plainly averaged through an optional
+    ``tensor_roles()`` method returning ``{state_dict_key: role}``; every other
+    tensor is ``"average"``.
+    """
+    declared = getattr(model, "tensor_roles", None)
+    special: dict[str, Role] = dict(declared()) if declared is not None else {}
+    keys = model.state_dict().keys()
+    unknown = sorted(set(special) - set(keys))
+    if unknown:
+        raise ValueError(
+            f"{type(model).__name__}.tensor_roles() names no tensor {unknown[0]!r}"
+        )
+    return {k: special.get(k, "average") for k in keys}
