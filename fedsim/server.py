@@ -1,0 +1,248 @@
+"""fedsim's server loop: drives any Flower strategy round by round.
+
+Flower's ``Strategy.start()`` runs train, federated evaluation and central
+evaluation per round. fedsim runs the same sequence through the strategy's own
+``configure_*`` / ``aggregate_*`` methods, so every Flower strategy works
+unchanged, and adds what a simulation framework needs around it: exact,
+seeded cohorts; server-side evaluation with any task's metrics; rejection of
+invalid updates before they reach the strategy; server-owned model state and
+the model's ``server_update`` hook; per-round records written atomically
+(``results.json``); and progress on the console.
+
+A strategy with a multi-phase round (FedMA) may define ``run_round(server_round,
+arrays, config, grid) -> (arrays | None, metrics | None)``; the loop then calls it
+instead of ``configure_train`` / ``aggregate_train``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+
+from fedsim import models, tasks
+from fedsim.config import ExperimentConfig
+from fedsim.data import DataSplits
+from fedsim.grid import FedsimGrid
+from fedsim.params import record_to_state, split_roles, state_to_record
+from fedsim.results import Results, write_label_histogram
+from fedsim.train import derive_seed, evaluate
+from fedsim.validation import check_reply
+
+__all__ = ["ServerLoop"]
+
+log = logging.getLogger("fedsim")
+
+
+@dataclass
+class ServerLoop:
+    """Runs one experiment's rounds on a Grid.
+
+    Parameters
+    ----------
+    exp : ExperimentConfig
+        The experiment.
+    strategy : flwr.serverapp.strategy.Strategy
+        The aggregation strategy (built by the composition root).
+    splits : DataSplits
+        The dataset (the server evaluates on ``splits.test``).
+    model : torch.nn.Module
+        The initial global model.
+    results : Results
+        Where per-round records go.
+    progress : callable, optional
+        ``progress(record)`` after every round (the CLI prints a line).
+    """
+
+    exp: ExperimentConfig
+    strategy: Any
+    splits: DataSplits
+    model: torch.nn.Module
+    results: Results
+    progress: Callable[[dict[str, Any]], None] | None = None
+
+    def __post_init__(self) -> None:
+        self.task = tasks.build(self.exp.task.name, **self.exp.task.options)
+        self.roles = models.tensor_roles(self.model)
+
+    # -- state helpers ------------------------------------------------------
+    def _split(self, state: dict[str, torch.Tensor]) -> tuple[ArrayRecord, ArrayRecord]:
+        parts = split_roles(state, self.roles)
+        return state_to_record(parts["average"]), state_to_record(parts["server"])
+
+    def _install(self, arrays: ArrayRecord, server_state: ArrayRecord) -> None:
+        """Make the global model hold ``arrays`` plus the server-owned tensors."""
+        state = {**record_to_state(server_state), **record_to_state(arrays)}
+        current = self.model.state_dict()
+        full = {k: state.get(k, current[k]) for k in current}
+        full.update({k: v for k, v in state.items() if k not in full})
+        model = models.fit_to_state(self.model, full)
+        if model is not self.model:
+            template = model.state_dict()
+            full = {k: full[k] if k in full else template[k] for k in template}
+            self.model = model
+            self.roles = models.tensor_roles(model)
+        self.model.load_state_dict(full, strict=True)
+
+    def _evaluate(self) -> dict[str, float]:
+        test = self.splits.test
+        metrics = evaluate(
+            self.model,
+            test.x,
+            test.y,
+            self.task,
+            batch_size=self.exp.evaluation.batch_size,
+        )
+        return {f"test_{k}": v for k, v in metrics.items()}
+
+    def _num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    # -- the loop -----------------------------------------------------------
+    def run(self, runtime_grid: Grid) -> Results:
+        """Discover the nodes, then run every round; returns the filled Results."""
+        exp = self.exp
+        grid = FedsimGrid(runtime_grid, expected_nodes=exp.num_clients)
+        infos = grid.discover()
+        counts = np.array(
+            [list(infos[n].label_counts) for n in grid.get_node_ids()], dtype=np.int64
+        )
+        if counts.ndim == 2 and counts.shape[1] > 0:
+            write_label_histogram(self.results.output_dir, counts)
+        self.results.extra["clients"] = [
+            {
+                "partition_id": infos[n].partition_id,
+                "num_examples": infos[n].num_examples,
+            }
+            for n in grid.get_node_ids()
+        ]
+        state = self.model.state_dict()
+        arrays, server_state = self._split(state)
+        grid.server_state = server_state
+        record0: dict[str, Any] = {
+            "round": 0,
+            **self._evaluate(),
+            "num_params": self._num_params(),
+        }
+        self.results.add_round(record0)
+        if self.progress:
+            self.progress(record0)
+        for rnd in range(1, exp.num_rounds + 1):
+            started = time.perf_counter()
+            arrays, record = self._round(rnd, arrays, grid)
+            _, server_state = self._split(self.model.state_dict())
+            grid.server_state = server_state
+            if rnd % exp.evaluation.every == 0 or rnd == exp.num_rounds:
+                record.update(self._evaluate())
+            record["num_params"] = self._num_params()
+            record["round_seconds"] = time.perf_counter() - started
+            self.results.add_round(record)
+            if self.progress:
+                self.progress(record)
+        self.results.finish("completed")
+        return self.results
+
+    def _round(
+        self, rnd: int, arrays: ArrayRecord, grid: FedsimGrid
+    ) -> tuple[ArrayRecord, dict[str, Any]]:
+        exp = self.exp
+        record: dict[str, Any] = {"round": rnd}
+        random.seed(derive_seed(exp.seed, rnd, 1))
+        timeout = exp.simulation.round_timeout
+        if hasattr(self.strategy, "run_round"):
+            new_arrays, metrics = self.strategy.run_round(
+                rnd, arrays, ConfigRecord(), grid
+            )
+            rejected = 0
+        else:
+            messages = list(
+                self.strategy.configure_train(rnd, arrays, ConfigRecord(), grid)
+            )
+            record["clients"] = sorted(
+                grid.partition_of(m.metadata.dst_node_id) for m in messages
+            )
+            replies = list(grid.send_and_receive(messages, timeout=timeout))
+            accepted, rejected = self._screen(replies, arrays)
+            new_arrays, metrics = self.strategy.aggregate_train(rnd, accepted)
+        stats = grid.take_stats()
+        if new_arrays is None:
+            log.warning(
+                "round %d: no valid update arrived; keeping the previous global model",
+                rnd,
+            )
+            record["kept_previous_model"] = True
+        else:
+            arrays = new_arrays
+            self._install(arrays, grid.server_state or ArrayRecord())
+            hook = getattr(self.model, "server_update", None)
+            if hook is not None:
+                hook(rnd, exp.num_rounds)
+                arrays, _ = self._split(self.model.state_dict())
+        if metrics is not None and "train_loss" in metrics:
+            record["train_loss"] = float(metrics["train_loss"])
+        if exp.evaluation.federated:
+            record.update(self._federated_evaluation(rnd, arrays, grid))
+        widths = models.permutation_spec(self.model).widths()
+        record.update(
+            num_replies=stats.replies - rejected,
+            num_failures=stats.failures,
+            num_timeouts=stats.timeouts,
+            num_rejected=rejected,
+            bytes_sent=stats.bytes_sent,
+            bytes_received=stats.bytes_received,
+            widths=widths,
+        )
+        return arrays, record
+
+    def _screen(
+        self, replies: Iterable[Message], arrays: ArrayRecord
+    ) -> tuple[list[Message], int]:
+        """Drop replies with invalid updates (logged); error replies pass through."""
+        allow_widths = bool(getattr(self.strategy, "accepts_different_widths", False))
+        accepted: list[Message] = []
+        rejected = 0
+        for reply in replies:
+            if reply.has_error():
+                accepted.append(reply)
+                continue
+            reason = check_reply(reply.content, arrays, allow_other_widths=allow_widths)
+            if reason is None:
+                accepted.append(reply)
+            else:
+                rejected += 1
+                log.warning(
+                    "rejected the update of node %d: %s",
+                    reply.metadata.src_node_id,
+                    reason,
+                )
+        return accepted, rejected
+
+    def _federated_evaluation(
+        self, rnd: int, arrays: ArrayRecord, grid: FedsimGrid
+    ) -> dict[str, Any]:
+        random.seed(derive_seed(self.exp.seed, rnd, 2))
+        messages = list(
+            self.strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid)
+        )
+        replies = list(
+            grid.send_and_receive(messages, timeout=self.exp.simulation.round_timeout)
+        )
+        metrics: MetricRecord | None = self.strategy.aggregate_evaluate(rnd, replies)
+        stats = grid.take_stats()
+        out: dict[str, Any] = {
+            "eval_bytes_sent": stats.bytes_sent,
+            "eval_bytes_received": stats.bytes_received,
+        }
+        if metrics is not None:
+            for key, value in metrics.items():
+                if key != "num-examples" and isinstance(value, int | float):
+                    out[f"fed_{key}"] = float(value)
+        return out

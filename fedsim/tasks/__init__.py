@@ -1,0 +1,47 @@
+"""Learning tasks: what the loss is and what evaluation reports.
+
+A task turns model outputs and targets into a training loss and turns a model
+plus a dataset into metrics. ``classification`` is the default; the density
+(bits per dimension), Wasserstein and regression tasks live beside it.
+Registered in :data:`TASKS`; chosen with ``task=<name>``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Any, Protocol
+
+import torch
+
+from fedsim.registry import Registry
+
+__all__ = ["TASKS", "Task", "build"]
+
+
+class Task(Protocol):
+    """What a task provides to training and evaluation."""
+
+    #: metric the run reports as its headline (``test_<primary>`` in results)
+    primary: str
+    #: True when a larger primary metric is better
+    higher_is_better: bool
+
+    def loss(self, output: Any, target: torch.Tensor) -> torch.Tensor:
+        """Per-example losses, shape (batch,)."""
+        ...
+
+    def metrics(self, output: Any, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-example metric values, each of shape (batch,), averaged by the caller."""
+        ...
+
+
+TASKS: Registry[Task] = Registry("task")
+
+
+def build(name: str, **options: Any) -> Task:
+    """Build the registered task ``name``."""
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+    return TASKS.build(name, **options)
