@@ -155,6 +155,7 @@ class ServerLoop:
     ) -> tuple[ArrayRecord, dict[str, Any]]:
         exp = self.exp
         record: dict[str, Any] = {"round": rnd}
+        train_started = time.perf_counter()
         random.seed(derive_seed(exp.seed, rnd, 1))
         timeout = exp.simulation.round_timeout
         if hasattr(self.strategy, "run_round"):
@@ -173,6 +174,7 @@ class ServerLoop:
             accepted, rejected = self._screen(replies, arrays)
             new_arrays, metrics = self.strategy.aggregate_train(rnd, accepted)
         stats = grid.take_stats()
+        record["train_seconds"] = time.perf_counter() - train_started
         if new_arrays is None:
             log.warning(
                 "round %d: no valid update arrived; keeping the previous global model",

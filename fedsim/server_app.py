@@ -74,8 +74,10 @@ def build_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         from fedsim.run import open_results, print_progress
+        from fedsim.simulation import quiet
 
         e = exp if exp is not None else experiment_from_run_config(context.run_config)
+        quiet(e.simulation.ray_log_level)
         try:
             ready = prepared or prepare(e)
             sink = results or open_results(e, ready.splits)

@@ -78,7 +78,7 @@ def test_a_misspelt_typed_key_is_refused() -> None:
 def test_out_of_range_values_are_refused() -> None:
     with pytest.raises(ConfigError, match="num_clients=0"):
         from_dictconfig(compose(["num_clients=0"]))
-    with pytest.raises(ConfigError, match="fraction_train=1.5"):
+    with pytest.raises(ConfigError, match=r"fraction_train=1\.5"):
         from_dictconfig(compose(["fraction_train=1.5"]))
 
 

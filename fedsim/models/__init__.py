@@ -15,6 +15,7 @@ import copy
 import importlib
 import inspect
 import pkgutil
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -26,6 +27,8 @@ __all__ = [
     "MODELS",
     "Role",
     "build",
+    "fit_to_state",
+    "infer_widths",
     "names",
     "permutation_spec",
     "rebuild_kwargs",
@@ -160,3 +163,59 @@ def tensor_roles(model: torch.nn.Module) -> dict[str, Role]:
             f"{type(model).__name__}.tensor_roles() names no tensor {unknown[0]!r}"
         )
     return {k: special.get(k, "average") for k in keys}
+
+
+def infer_widths(
+    spec: PermutationSpec,
+    state: Mapping[str, torch.Tensor],
+    template: Mapping[str, torch.Tensor],
+) -> dict[str, int]:
+    """Group widths implied by the tensor shapes of ``state``.
+
+    ``spec`` and ``template`` are the spec and state dict of an instance of the
+    same architecture. Each group's width is read off its producing axis (its
+    first ``AxisRef``), whose non-group part has the same length at any width.
+    """
+    widths: dict[str, int] = {}
+    for group in spec:
+        ref = group.axes[0]
+        per_unit = ref.block * ref.repeat
+        length = int(state[ref.tensor].shape[ref.axis])
+        other = int(template[ref.tensor].shape[ref.axis]) - group.size * per_unit
+        # earlier groups sharing this axis (a residual stream's older slices)
+        # may have changed width too; groups are listed in forward order
+        for earlier in spec:
+            if earlier is group:
+                break
+            for r in earlier.axes:
+                if r.tensor == ref.tensor and r.axis == ref.axis and not r.values:
+                    other += (widths[earlier.name] - earlier.size) * r.block * r.repeat
+                    break
+        if length <= other or (length - other) % per_unit:
+            raise ValueError(
+                f"tensor {ref.tensor!r} has {length} entries along axis {ref.axis}, "
+                f"not a whole number of {per_unit}-wide units of group {group.name!r}"
+            )
+        widths[group.name] = (length - other) // per_unit
+    return widths
+
+
+def fit_to_state(
+    model: torch.nn.Module, state: Mapping[str, torch.Tensor]
+) -> torch.nn.Module:
+    """``model`` if ``state`` fits its shapes, else the architecture rebuilt to fit.
+
+    Used wherever a model arrives at other widths than the local template
+    (matched global models, pruned clients): the widths are inferred from the
+    shapes through the permutation spec and the model is rebuilt by its factory.
+    """
+    own = model.state_dict()
+    if all(k in own and own[k].shape == v.shape for k, v in state.items()):
+        return model
+    spec = permutation_spec(model)
+    widths = infer_widths(spec, state, own)
+    name: str = model.fedsim_name  # type: ignore[assignment]
+    kwargs = rebuild_kwargs(model.fedsim_kwargs, spec, widths)  # type: ignore[arg-type]
+    rebuilt = build(name, **kwargs)
+    device = next(iter(own.values())).device if own else torch.device("cpu")
+    return rebuilt.to(device)

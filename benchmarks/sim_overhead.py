@@ -1,0 +1,189 @@
+"""Simulation overhead: fedsim's round time against the ideal, for N clients.
+
+For each client count N the benchmark runs the same R rounds twice:
+
+* **ideal**: every client update of every round run one after another in this
+  process (``fedsim.node.train_client``, exactly what a ClientApp does), divided
+  by the number of clients that can train in parallel
+  (``min(cohort, CPUs // client CPUs)``) and by R;
+* **fedsim**: a real Flower + Ray simulation (``simulation.engine=flower``).
+
+It prints the ideal per-round time, fedsim's median training-phase time per
+round after the first (start-up excluded), the start-up time (from the call
+until round 1 starts: Ray, actors, node discovery, round-0 evaluation), the
+ratio of the two round times, and the peak resident memory of the whole process
+tree (driver, Ray daemons and workers). It ends with one JSON line per N.
+
+Usage::
+
+    python benchmarks/sim_overhead.py --clients 10 100 --rounds 5
+    python benchmarks/sim_overhead.py --clients 1000 --fraction 0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def tree_rss_bytes(root_pid: int) -> int:
+    """Resident memory of ``root_pid`` and all its descendants (Linux /proc)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            parents[int(entry)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    family, frontier = {root_pid}, [root_pid]
+    while frontier:
+        pid = frontier.pop()
+        for child, parent in parents.items():
+            if parent == pid and child not in family:
+                family.add(child)
+                frontier.append(child)
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = 0
+    for pid in family:
+        try:
+            with open(f"/proc/{pid}/statm") as fh:
+                total += int(fh.read().split()[1]) * page
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+class PeakMemory:
+    """Samples the process tree's RSS in a thread; ``peak`` in bytes."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_rss_bytes(os.getpid()))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, tree_rss_bytes(os.getpid()))
+
+
+def ideal_round_seconds(exp, rounds: int, parallel: int) -> float:
+    """Sequential client updates in this process, divided by the parallelism."""
+    import random
+
+    import torch
+
+    from fedsim import node
+    from fedsim.strategy import StrategyContext
+    from fedsim.train import derive_seed
+
+    node.set_threads(node.client_threads(exp))
+    splits = node.load_dataset(exp)
+    model = node.build_global_model(exp, splits)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    cohort = StrategyContext(
+        num_clients=exp.num_clients, fraction_train=exp.fraction_train
+    ).cohort_size()
+    total = 0.0
+    for rnd in range(1, rounds + 1):
+        random.seed(derive_seed(exp.seed, rnd, 1))
+        clients = random.sample(range(exp.num_clients), cohort)
+        for pid in clients:
+            data = node.node_data(exp, pid)
+            start = time.perf_counter()
+            node.train_client(exp, data, state, server_round=rnd, config={})
+            total += time.perf_counter() - start
+    del torch
+    return total / rounds / max(1, min(cohort, parallel))
+
+
+def run_case(clients: int, rounds: int, fraction: float, cpus: int) -> dict:
+    from fedsim.config import compose, from_dictconfig
+    from fedsim.run import run
+
+    out = ROOT / "outputs" / "bench" / f"sim_overhead_{clients}_{int(time.time())}"
+    overrides = [
+        f"num_clients={clients}",
+        f"num_rounds={rounds}",
+        f"fraction_train={fraction}",
+        "partition=iid",
+        f"output_dir={out}",
+    ]
+    exp = from_dictconfig(compose(overrides))
+    per_client = exp.simulation.client_resources.num_cpus
+    parallel = max(1, int(cpus // per_client))
+    ideal = ideal_round_seconds(exp, rounds, parallel)
+
+    marks: dict[int, float] = {}
+    started = time.perf_counter()
+
+    def progress(record: dict) -> None:
+        marks[int(record["round"])] = time.perf_counter()
+
+    with PeakMemory() as memory:
+        results = run(exp, progress=progress)
+    train_times = [float(r["train_seconds"]) for r in results.rounds[1:]]
+    steady = train_times[1:] if len(train_times) > 1 else train_times
+    round_s = statistics.median(steady)
+    first_round_start = marks[0]
+    return {
+        "clients": clients,
+        "cohort": len(results.rounds[1]["clients"]),
+        "rounds": rounds,
+        "ideal_round_s": round(ideal, 4),
+        "round_s": round(round_s, 4),
+        "startup_s": round(first_round_start - started, 2),
+        "ratio": round(round_s / ideal, 3),
+        "peak_rss_gib": round(memory.peak / 2**30, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[10, 100])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--fraction", type=float, default=1.0)
+    parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    rows = []
+    for n in args.clients:
+        rows.append(run_case(n, args.rounds, args.fraction, args.cpus))
+    print()
+    print(
+        f"{'clients':>8} {'cohort':>7} {'ideal s/round':>14} {'fedsim s/round':>15} "
+        f"{'start-up s':>11} {'ratio':>6} {'peak GiB':>9}"
+    )
+    for r in rows:
+        print(
+            f"{r['clients']:>8} {r['cohort']:>7} {r['ideal_round_s']:>14.3f} "
+            f"{r['round_s']:>15.3f} {r['startup_s']:>11.1f} {r['ratio']:>6.2f} "
+            f"{r['peak_rss_gib']:>9.2f}"
+        )
+    for r in rows:
+        print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
