@@ -73,24 +73,30 @@ def build_client_app(exp: ExperimentConfig | None = None) -> ClientApp:
         arrays: ArrayRecord = msg.content["arrays"]  # type: ignore[assignment]
         state = _incoming_state(msg, context)
         config: dict[str, Any] = dict(msg.content.get("config", {}))
-        trained, metrics = train_client(
+        update = train_client(
             e,
             node,
             state,
             server_round=int(config.get("server-round", 1)),
             config=config,
+            extras=_extras(msg),
         )
-        local_keys = [
-            k for k in trained if k not in arrays and k not in _server_keys(msg)
-        ]
+        trained = update.state
+        server_keys = _server_keys(msg)
+        local_keys = [k for k in trained if k not in arrays and k not in server_keys]
         if local_keys:
             context.state[LOCAL_STATE_KEY] = state_to_record(trained, local_keys)
+        # every tensor the server shares, at the client's own widths (a client
+        # that pruned its model comes back narrower)
+        shared = [k for k in trained if k not in server_keys and k not in local_keys]
         reply = RecordDict(
             {
-                "arrays": state_to_record(trained, list(arrays.keys())),
-                "metrics": MetricRecord(metrics),  # type: ignore[arg-type]
+                "arrays": state_to_record(trained, shared),
+                "metrics": MetricRecord(update.metrics),  # type: ignore[arg-type]
             }
         )
+        for name, tensors in update.extras.items():
+            reply[name] = state_to_record(tensors)
         return Message(reply, reply_to=msg)
 
     @app.evaluate()
@@ -105,6 +111,15 @@ def build_client_app(exp: ExperimentConfig | None = None) -> ClientApp:
 def _server_keys(msg: Message) -> set[str]:
     record = msg.content.get(SERVER_STATE_KEY)
     return set(record.keys()) if isinstance(record, ArrayRecord) else set()
+
+
+def _extras(msg: Message) -> dict[str, dict[str, Any]]:
+    """The message's tensor records other than the model and server state."""
+    return {
+        name: record_to_state(record)
+        for name, record in msg.content.array_records.items()
+        if name not in ("arrays", SERVER_STATE_KEY)
+    }
 
 
 def _incoming_state(msg: Message, context: Context) -> dict[str, Any]:

@@ -25,7 +25,10 @@ usage: fedsim <command> [options]
 
 commands:
   run [overrides...]       run one experiment (-m to sweep values; --help for options)
+  compare [overrides...]   run several strategies on identical data and cohorts
   plot <folder>            redraw the figures of a run or comparison folder
+  sample <run folder>      draw samples from a trained density model (PNG grid)
+  certs <dir>              create TLS certificates and SuperNode keys for deployment
 
 `fedsim <command> --help` describes each command."""
 
@@ -174,10 +177,26 @@ def _cmd_plot(args: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+COMMANDS: dict[str, Callable[[Sequence[str]], int] | str] = {
     "run": _cmd_run,
     "plot": _cmd_plot,
+    # commands living in their own modules, each exposing `cli(args) -> int`
+    "compare": "fedsim.compare",
+    "sample": "fedsim.sample",
+    "certs": "fedsim.certs",
 }
+
+
+def _resolve(
+    command: Callable[[Sequence[str]], int] | str,
+) -> Callable[[Sequence[str]], int]:
+    if callable(command):
+        return command
+    import importlib
+
+    module = importlib.import_module(command)
+    entry: Callable[[Sequence[str]], int] = module.cli
+    return entry
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -192,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"unknown command {args[0]!r}; choose one of: {', '.join(COMMANDS)}"
         )
     try:
-        return command(args[1:])
+        return _resolve(command)(args[1:])
     except FedsimError as err:
         return _fail(str(err))
     except KeyboardInterrupt:

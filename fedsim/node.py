@@ -14,7 +14,7 @@ import functools
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,7 @@ from fedsim.exceptions import ConfigError
 from fedsim.train import Penalty, derive_seed, evaluate, local_train
 
 __all__ = [
+    "ClientUpdate",
     "NodeData",
     "build_global_model",
     "client_threads",
@@ -221,6 +222,26 @@ def proximal_penalty(anchor: Tensors, mu: float) -> Penalty:
     return penalty
 
 
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What a client sends back after local training.
+
+    Attributes
+    ----------
+    state : dict
+        The trained model's full state dict (every key of the model).
+    metrics : dict
+        ``num-examples``, ``train_loss``, ``num-steps`` and any extras.
+    extras : dict
+        Further named tensor records for the server (e.g. a Fisher estimate),
+        sent as ArrayRecords beside ``arrays``.
+    """
+
+    state: Tensors
+    metrics: dict[str, float]
+    extras: dict[str, Tensors] = field(default_factory=dict)
+
+
 def train_client(
     exp: ExperimentConfig,
     node: NodeData,
@@ -228,11 +249,13 @@ def train_client(
     *,
     server_round: int,
     config: Mapping[str, Any],
-) -> tuple[Tensors, dict[str, float]]:
-    """Load ``state`` into the client's model, train locally, return (state, metrics).
+    extras: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+) -> ClientUpdate:
+    """Load ``state`` into the client's model, train locally, return the update.
 
     ``config`` is the round's ConfigRecord as a dict (``proximal-mu`` from
-    FedProx, ``lr`` overrides). The returned state has every key of the model.
+    FedProx, ``lr`` overrides); ``extras`` are the message's further tensor
+    records by name (everything but the model).
     """
     set_threads(client_threads(exp))
     splits_meta = load_dataset(exp)
@@ -260,7 +283,7 @@ def train_client(
         "train_loss": result.train_loss,
         "num-steps": float(result.num_steps),
     }
-    return {k: v.cpu() for k, v in result.state_dict.items()}, metrics
+    return ClientUpdate({k: v.cpu() for k, v in result.state_dict.items()}, metrics)
 
 
 def evaluate_client(
