@@ -29,6 +29,7 @@ commands:
   plot <folder>            redraw the figures of a run or comparison folder
   sample <run folder>      draw samples from a trained density model (PNG grid)
   certs <dir>              create TLS certificates and SuperNode keys for deployment
+  nas [overrides...]       NAS-Bench-101 random search: train sampled cells, rank them
 
 `fedsim <command> --help` describes each command."""
 
@@ -184,6 +185,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int] | str] = {
     "compare": "fedsim.compare",
     "sample": "fedsim.sample",
     "certs": "fedsim.certs",
+    "nas": "fedsim.nas_search",
 }
 
 
