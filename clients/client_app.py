@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsim.config import ExperimentConfig, experiment_from_run_config
+from fedsim.faults import apply_fault, corrupt
 from fedsim.node import NodeData, evaluate_client, node_data, train_client
 from fedsim.params import SERVER_STATE_KEY, record_to_state, state_to_record
 
@@ -73,6 +74,7 @@ def build_client_app(exp: ExperimentConfig | None = None) -> ClientApp:
         arrays: ArrayRecord = msg.content["arrays"]  # type: ignore[assignment]
         state = _incoming_state(msg, context)
         config: dict[str, Any] = dict(msg.content.get("config", {}))
+        fault = apply_fault(config)  # simulation.faults: crash or straggle here
         update = train_client(
             e,
             node,
@@ -81,7 +83,7 @@ def build_client_app(exp: ExperimentConfig | None = None) -> ClientApp:
             config=config,
             extras=_extras(msg),
         )
-        trained = update.state
+        trained = update.state if fault != "corrupt" else corrupt(update.state)
         server_keys = _server_keys(msg)
         local_keys = [k for k in trained if k not in arrays and k not in server_keys]
         if local_keys:

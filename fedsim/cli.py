@@ -82,6 +82,9 @@ def _cmd_run(args: Sequence[str]) -> int:
     if multirun:
         check_group_choices(overrides)
         return _hydra_multirun(overrides)
+    resume = [o for o in overrides if o.startswith("resume=")]
+    if resume:
+        return _resume(resume[0].split("=", 1)[1], overrides)
     cfg = compose(overrides)
     if "--cfg" in args:
         from omegaconf import OmegaConf
@@ -92,6 +95,25 @@ def _cmd_run(args: Sequence[str]) -> int:
 
     results = run(from_dictconfig(cfg))
     _print_summary(results)
+    return 0
+
+
+def _resume(folder: str, overrides: Sequence[str]) -> int:
+    """``fedsim run resume=<run> [num_rounds=N]``: continue a stopped run."""
+    from fedsim.exceptions import ConfigError
+    from fedsim.run import resume
+
+    num_rounds = None
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key == "num_rounds":
+            num_rounds = int(value)
+        elif key != "resume":
+            raise ConfigError(
+                f"resume continues a run with its stored config; {key!r} cannot "
+                "change (only num_rounds can, to extend the run)"
+            )
+    _print_summary(resume(folder, num_rounds=num_rounds))
     return 0
 
 
@@ -163,12 +185,19 @@ def _cmd_plot(args: Sequence[str]) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(
             "usage: fedsim plot <folder>\n\nRedraws the figures of a run folder "
-            "(results.json) from its records."
+            "(results.json) or of a comparison folder (comparison.csv) from its "
+            "records."
         )
         return 0 if args else 2
     from fedsim.results import RESULTS_FILE, load_results
 
     folder = Path(args[0])
+    if (folder / "comparison.csv").is_file():
+        from fedsim.comparison_plots import plot_comparison
+
+        plot_comparison(folder)
+        print(f"redrew the comparison figures in {folder}")
+        return 0
     if not (folder / RESULTS_FILE).is_file():
         return _fail(f"{str(folder)!r} is not a fedsim run folder (no {RESULTS_FILE})")
     results = load_results(folder)

@@ -35,6 +35,7 @@ __all__ = [
     "SimulationConfig",
     "compose",
     "config_dir",
+    "experiment_from_dict",
     "experiment_from_run_config",
     "from_dictconfig",
     "group_options",
@@ -305,6 +306,23 @@ def validate(exp: ExperimentConfig) -> None:
         r.num_gpus >= 0,
         "zero or positive",
     )
+    f = s.faults
+    for key in ("crash", "straggle", "corrupt"):
+        value = getattr(f, key)
+        _check_range(
+            f"simulation.faults.{key}", value, 0.0 <= value <= 1.0, "in [0, 1]"
+        )
+    total = f.crash + f.straggle + f.corrupt
+    _check_range(
+        "the sum of simulation.faults fractions", total, total <= 1.0, "at most 1"
+    )
+    if s.round_timeout is not None:
+        _check_range(
+            "simulation.round_timeout",
+            s.round_timeout,
+            s.round_timeout > 0,
+            "positive (or null for no limit)",
+        )
     e = exp.evaluation
     _check_range("evaluation.every", e.every, e.every >= 1, "at least 1")
     _check_range(
@@ -408,3 +426,31 @@ def experiment_from_run_config(run_config: Mapping[str, Any]) -> ExperimentConfi
             compose(overrides_from_run_config(run_config))
         )
     return _RUN_CONFIG_CACHE[key]
+
+
+def _from_data(cls: Any, data: Any) -> Any:
+    """Rebuild a (nested) config dataclass from ``dataclasses.asdict`` output."""
+    import typing
+
+    if not dataclasses.is_dataclass(cls):
+        return data
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value, hint = data[f.name], hints[f.name]
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            value = _from_data(hint, value)
+        elif typing.get_origin(hint) is tuple:
+            value = tuple(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)  # type: ignore[operator]
+
+
+def experiment_from_dict(data: Mapping[str, Any]) -> ExperimentConfig:
+    """The :class:`ExperimentConfig` stored in a ``results.json`` (``to_dict``)."""
+    exp = _from_data(ExperimentConfig, dict(data))
+    assert isinstance(exp, ExperimentConfig)
+    validate(exp)
+    return exp

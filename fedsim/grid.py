@@ -122,13 +122,19 @@ class FedsimGrid(Grid):
         return list(self._order) if self._order else sorted(self.inner.get_node_ids())
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(self._sending(messages))
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._received(self.inner.pull_messages(message_ids))
+
+    def _sending(self, messages: Iterable[Message]) -> list[Message]:
         prepared = [self._prepare(m) for m in messages]
         self.stats.sent += len(prepared)
         self.stats.bytes_sent += sum(payload_bytes(m.content) for m in prepared)
-        return self.inner.push_messages(prepared)
+        return prepared
 
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        replies = list(self.inner.pull_messages(message_ids))
+    def _received(self, replies: Iterable[Message]) -> list[Message]:
+        replies = list(replies)
         for reply in replies:
             if reply.has_error():
                 self.stats.failures += 1
@@ -141,7 +147,18 @@ class FedsimGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        """Push, then poll for replies until all arrived or ``timeout`` passed."""
+        """Push, then poll for replies until all arrived or ``timeout`` passed.
+
+        Engines that run clients synchronously (``inner.synchronous``) apply the
+        timeout themselves: a reply finished after the deadline is dropped.
+        """
+        if getattr(self.inner, "synchronous", False):
+            prepared = self._sending(messages)
+            done = self._received(
+                self.inner.send_and_receive(prepared, timeout=timeout)
+            )
+            self.stats.timeouts += len(prepared) - len(done)
+            return done
         pending = set(self.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []

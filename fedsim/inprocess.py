@@ -12,6 +12,7 @@ the server loop see the same Grid interface as under Ray.
 from __future__ import annotations
 
 import itertools
+import time
 import traceback
 import uuid
 from collections.abc import Iterable
@@ -44,6 +45,9 @@ class InProcessGrid(Grid):
     run_config : dict, optional
         The Flower run config every node sees.
     """
+
+    #: clients run inside send_and_receive; FedsimGrid lets it apply timeouts
+    synchronous = True
 
     def __init__(
         self,
@@ -107,7 +111,16 @@ class InProcessGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> list[Message]:
-        return self.pull_messages(self.push_messages(messages))
+        """Run the clients one after another, each as if it had started with the
+        round: with ``timeout``, a client whose own call takes longer is a
+        timeout (its reply is dropped), as it would be among parallel clients."""
+        replies = []
+        for message in messages:
+            started = time.monotonic()
+            reply = self._call(message)
+            if timeout is None or time.monotonic() - started <= timeout:
+                replies.append(reply)
+        return replies
 
     def _call(self, message: Message) -> Message:
         node_id = message.metadata.dst_node_id

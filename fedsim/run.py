@@ -8,6 +8,7 @@ folder behind.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import time
 from collections.abc import Callable, Sequence
@@ -20,9 +21,9 @@ from fedsim import tasks
 from fedsim.config import ExperimentConfig, compose, from_dictconfig
 from fedsim.data import DataSplits
 from fedsim.exceptions import ConfigError
-from fedsim.results import RESULTS_FILE, Results
+from fedsim.results import RESULTS_FILE, Results, load_results
 
-__all__ = ["open_results", "print_progress", "resolve_output_dir", "run"]
+__all__ = ["open_results", "print_progress", "resolve_output_dir", "resume", "run"]
 
 
 def resolve_output_dir(exp: ExperimentConfig) -> Path:
@@ -105,12 +106,12 @@ def run(
     config : ExperimentConfig, DictConfig or list of str
         The experiment, a composed Hydra config, or Hydra overrides of
         ``configs/config.yaml`` (``["strategy=fedprox", "num_rounds=5"]``).
+        An experiment with ``resume`` set continues that run (see :func:`resume`).
     progress : callable, optional
         Called with each round's record; defaults to a printed line per round.
     """
-    from clients.client_app import build_client_app
-    from fedsim.server_app import build_server_app, prepare
-    from fedsim.simulation import quiet, run_simulation
+    from fedsim.server_app import prepare
+    from fedsim.simulation import quiet
 
     if isinstance(config, ExperimentConfig):
         exp = config
@@ -118,19 +119,70 @@ def run(
         exp = from_dictconfig(config)
     else:
         exp = from_dictconfig(compose(list(config)))
+    if exp.resume:
+        return resume(exp.resume, progress=progress)
     quiet(exp.simulation.ray_log_level)
     prepared = prepare(exp)
     results = open_results(exp, prepared.splits)
-    server_app = build_server_app(
+    return _execute(exp, prepared, results, progress or print_progress(exp), None)
+
+
+def resume(
+    folder: str | Path,
+    *,
+    num_rounds: int | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> Results:
+    """Continue the run in ``folder`` from its last completed round.
+
+    The stored config is used as it was; ``num_rounds`` may extend the run.
+    """
+    from fedsim.checkpoint import load_checkpoint
+    from fedsim.config import experiment_from_dict
+    from fedsim.server_app import prepare
+    from fedsim.simulation import quiet
+
+    path = Path(folder)
+    if not (path / RESULTS_FILE).is_file():
+        raise ConfigError(
+            f"resume={str(path)!r} is not a fedsim run folder (no {RESULTS_FILE})"
+        )
+    stored = load_results(path)
+    exp = experiment_from_dict(stored.config)
+    exp = dataclasses.replace(
         exp,
-        prepared=prepared,
-        results=results,
-        progress=progress or print_progress(exp),
+        output_dir=str(path),
+        resume=None,
+        num_rounds=exp.num_rounds if num_rounds is None else num_rounds,
     )
+    ckpt = load_checkpoint(path)
+    if ckpt.server_round >= exp.num_rounds:
+        raise ConfigError(
+            f"the run in {str(path)!r} already finished round {ckpt.server_round} of "
+            f"num_rounds={exp.num_rounds}; pass a larger num_rounds to extend it"
+        )
+    quiet(exp.simulation.ray_log_level)
+    prepared = prepare(exp)
+    stored.config = exp.to_dict()
+    return _execute(exp, prepared, stored, progress or print_progress(exp), ckpt)
+
+
+def _execute(
+    exp: ExperimentConfig,
+    prepared: Any,
+    results: Results,
+    progress: Callable[[dict[str, Any]], None],
+    resume_from: Any,
+) -> Results:
+    """Run the server loop on the experiment's engine; mark failures in results."""
+    from clients.client_app import build_client_app
+    from fedsim.server import ServerLoop
+    from fedsim.server_app import build_server_app
+    from fedsim.simulation import run_simulation
+
     try:
         if exp.simulation.engine == "inprocess":
             from fedsim.inprocess import InProcessGrid
-            from fedsim.server import ServerLoop
 
             grid = InProcessGrid(build_client_app(exp), exp.num_clients)
             loop = ServerLoop(
@@ -139,10 +191,18 @@ def run(
                 prepared.splits,
                 prepared.model,
                 results,
-                progress=progress or print_progress(exp),
+                progress=progress,
+                resume_from=resume_from,
             )
             loop.run(grid)
         else:
+            server_app = build_server_app(
+                exp,
+                prepared=prepared,
+                results=results,
+                progress=progress,
+                resume_from=resume_from,
+            )
             run_simulation(server_app, build_client_app(exp), exp)
     except BaseException:
         if results.status == "running":

@@ -25,12 +25,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedsim import models, tasks
+from fedsim.checkpoint import Checkpoint, capture_rng, restore_rng, save_checkpoint
 from fedsim.config import ExperimentConfig
 from fedsim.data import DataSplits
+from fedsim.faults import FAULT_KEY, STRAGGLE_KEY, plan_faults
 from fedsim.grid import FedsimGrid
 from fedsim.params import record_to_state, split_roles, state_to_record
 from fedsim.results import Results, write_label_histogram
@@ -60,6 +62,8 @@ class ServerLoop:
         Where per-round records go.
     progress : callable, optional
         ``progress(record)`` after every round (the CLI prints a line).
+    resume_from : Checkpoint, optional
+        Continue from this checkpoint's round instead of starting afresh.
     """
 
     exp: ExperimentConfig
@@ -68,9 +72,15 @@ class ServerLoop:
     model: torch.nn.Module
     results: Results
     progress: Callable[[dict[str, Any]], None] | None = None
+    resume_from: Checkpoint | None = None
 
     def __post_init__(self) -> None:
         self.task = tasks.build(self.exp.task.name, **self.exp.task.options)
+        # a task may need the model (classification's certify_eps: its Lipschitz
+        # constant); it reads what it needs once, here
+        bind = getattr(self.task, "bind_model", None)
+        if bind is not None:
+            self.task = bind(self.model)
         self.roles = models.tensor_roles(self.model)
 
     # -- state helpers ------------------------------------------------------
@@ -124,18 +134,19 @@ class ServerLoop:
             }
             for n in grid.get_node_ids()
         ]
-        state = self.model.state_dict()
-        arrays, server_state = self._split(state)
+        first = 1
+        if self.resume_from is not None:
+            first = self._restore(self.resume_from)
+        else:
+            record0: dict[str, Any] = {
+                "round": 0,
+                **self._evaluate(),
+                "num_params": self._num_params(),
+            }
+            self._commit(0, record0)
+        arrays, server_state = self._split(self.model.state_dict())
         grid.server_state = server_state
-        record0: dict[str, Any] = {
-            "round": 0,
-            **self._evaluate(),
-            "num_params": self._num_params(),
-        }
-        self.results.add_round(record0)
-        if self.progress:
-            self.progress(record0)
-        for rnd in range(1, exp.num_rounds + 1):
+        for rnd in range(first, exp.num_rounds + 1):
             started = time.perf_counter()
             arrays, record = self._round(rnd, arrays, grid)
             _, server_state = self._split(self.model.state_dict())
@@ -144,11 +155,44 @@ class ServerLoop:
                 record.update(self._evaluate())
             record["num_params"] = self._num_params()
             record["round_seconds"] = time.perf_counter() - started
-            self.results.add_round(record)
-            if self.progress:
-                self.progress(record)
+            self._commit(rnd, record)
         self.results.finish("completed")
         return self.results
+
+    def _commit(self, rnd: int, record: dict[str, Any]) -> None:
+        """Checkpoint, then record the round (so the checkpoint is never behind)."""
+        rounds = [r for r in self.results.rounds if int(r["round"]) != rnd]
+        save_checkpoint(
+            self.results.output_dir,
+            Checkpoint(
+                server_round=rnd,
+                global_state=self.model.state_dict(),
+                model_name=str(self.model.fedsim_name),
+                model_kwargs=dict(self.model.fedsim_kwargs),  # type: ignore[arg-type]
+                strategy=self.strategy,
+                rounds=[*rounds, record],
+                rng=capture_rng(),
+            ),
+        )
+        self.results.add_round(record)
+        if self.progress:
+            self.progress(record)
+
+    def _restore(self, ckpt: Checkpoint) -> int:
+        """Load a checkpoint's model, strategy, RNG and records; the next round."""
+        self.model = models.build(ckpt.model_name, **ckpt.model_kwargs)
+        self.model.load_state_dict(ckpt.global_state, strict=True)
+        self.roles = models.tensor_roles(self.model)
+        if ckpt.strategy is not None:
+            self.strategy = ckpt.strategy
+        self.results.rounds = list(ckpt.rounds)
+        self.results.status = "running"
+        self.results.save()
+        restore_rng(ckpt.rng)
+        log.info(
+            "resuming %s after round %d", self.results.output_dir, ckpt.server_round
+        )
+        return ckpt.server_round + 1
 
     def _round(
         self, rnd: int, arrays: ArrayRecord, grid: FedsimGrid
@@ -167,11 +211,12 @@ class ServerLoop:
             messages = list(
                 self.strategy.configure_train(rnd, arrays, ConfigRecord(), grid)
             )
+            messages = self._inject_faults(rnd, messages, grid, record)
             record["clients"] = sorted(
                 grid.partition_of(m.metadata.dst_node_id) for m in messages
             )
             replies = list(grid.send_and_receive(messages, timeout=timeout))
-            accepted, rejected = self._screen(replies, arrays)
+            accepted, rejected = self._screen(replies, arrays, grid)
             new_arrays, metrics = self.strategy.aggregate_train(rnd, accepted)
         stats = grid.take_stats()
         record["train_seconds"] = time.perf_counter() - train_started
@@ -182,12 +227,13 @@ class ServerLoop:
             )
             record["kept_previous_model"] = True
         else:
-            arrays = new_arrays
-            self._install(arrays, grid.server_state or ArrayRecord())
+            self._install(new_arrays, grid.server_state or ArrayRecord())
             hook = getattr(self.model, "server_update", None)
             if hook is not None:
                 hook(rnd, exp.num_rounds)
-                arrays, _ = self._split(self.model.state_dict())
+            # the model's own tensors, in its dtypes: Flower's FedOpt family
+            # returns float64 arrays, which clients would send back as float32
+            arrays, _ = self._split(self.model.state_dict())
         if metrics is not None and "train_loss" in metrics:
             record["train_loss"] = float(metrics["train_loss"])
         if exp.evaluation.federated:
@@ -204,10 +250,47 @@ class ServerLoop:
         )
         return arrays, record
 
+    def _inject_faults(
+        self,
+        rnd: int,
+        messages: list[Message],
+        grid: FedsimGrid,
+        record: dict[str, Any],
+    ) -> list[Message]:
+        """Mark the clients that crash, straggle or corrupt this round."""
+        faults = self.exp.simulation.faults
+        if not (faults.crash or faults.straggle or faults.corrupt):
+            return messages
+        cohort = [grid.partition_of(m.metadata.dst_node_id) for m in messages]
+        plan = plan_faults(faults, self.exp.seed, rnd, cohort)
+        timeout = self.exp.simulation.round_timeout
+        seconds = faults.straggle_seconds
+        if timeout is not None:  # no need to sleep much past the deadline
+            seconds = min(seconds, timeout + 1.0)
+        for message, pid in zip(messages, cohort, strict=True):
+            kind = plan.get(pid)
+            if kind is None:
+                continue
+            old = message.content.config_records.get("config", ConfigRecord())
+            config = ConfigRecord(dict(old))
+            config[FAULT_KEY] = kind
+            config[STRAGGLE_KEY] = float(seconds)
+            content = RecordDict(dict(message.content))  # messages share content
+            content["config"] = config
+            message.content = content
+        record["injected_faults"] = {
+            kind: sorted(p for p, k in plan.items() if k == kind)
+            for kind in ("crash", "straggle", "corrupt")
+        }
+        return messages
+
     def _screen(
-        self, replies: Iterable[Message], arrays: ArrayRecord
+        self, replies: Iterable[Message], arrays: ArrayRecord, grid: FedsimGrid
     ) -> tuple[list[Message], int]:
-        """Drop replies with invalid updates (logged); error replies pass through."""
+        """Drop replies with invalid updates (logged); error replies pass through.
+
+        A client may not claim more examples than it reported at discovery.
+        """
         allow_widths = bool(getattr(self.strategy, "accepts_different_widths", False))
         accepted: list[Message] = []
         rejected = 0
@@ -215,7 +298,15 @@ class ServerLoop:
             if reply.has_error():
                 accepted.append(reply)
                 continue
-            reason = check_reply(reply.content, arrays, allow_other_widths=allow_widths)
+            node = grid.nodes.get(reply.metadata.src_node_id)
+            reason = check_reply(
+                reply.content,
+                arrays,
+                allow_other_widths=allow_widths,
+                max_examples=float(
+                    node.num_examples if node else len(self.splits.train)
+                ),
+            )
             if reason is None:
                 accepted.append(reply)
             else:

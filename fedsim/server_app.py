@@ -67,6 +67,7 @@ def build_server_app(
     prepared: Prepared | None = None,
     results: Results | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    resume_from: Any = None,
 ) -> ServerApp:
     """A ServerApp running ``exp`` (or the run config's experiment)."""
     app = ServerApp()
@@ -88,6 +89,7 @@ def build_server_app(
                 ready.model,
                 sink,
                 progress=progress or print_progress(e),
+                resume_from=resume_from,
             )
             loop.run(grid)
         except FedsimError as err:

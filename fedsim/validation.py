@@ -35,7 +35,10 @@ def check_reply(
     if not isinstance(count, int | float) or not math.isfinite(count):
         return f"num-examples={count!r} is not a finite number"
     if not 0 < count <= max_examples:
-        return f"num-examples={count} is not in (0, {max_examples:.0f}]"
+        return (
+            f"num-examples={count:g} is not in (0, {max_examples:g}] (the examples "
+            "the client reported having)"
+        )
     missing = sorted(set(reference) - set(arrays))
     if missing:
         return f"the update lacks tensor {missing[0]!r}"
