@@ -14,6 +14,8 @@ import math
 import numpy as np
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
+from fedsim.params import array_to_numpy
+
 __all__ = ["check_reply"]
 
 
@@ -59,7 +61,7 @@ def check_reply(
             )
         if arr.dtype != ref.dtype:
             return f"tensor {key!r} has dtype {arr.dtype}, expected {ref.dtype}"
-        values = arr.numpy()
+        values = array_to_numpy(arr)
         if values.dtype.kind == "f" and not np.isfinite(values).all():
             return f"tensor {key!r} contains NaN or Inf"
     return None

@@ -12,6 +12,7 @@ Factories take keyword-only arguments; ``input_shape`` (C, H, W) and
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import inspect
 import pkgutil
@@ -53,6 +54,7 @@ Role = Literal["average", "server", "local"]
 """
 
 
+@functools.cache
 def _load_all() -> None:
     """Import every model module once, for its registrations."""
     for info in pkgutil.iter_modules(__path__):

@@ -8,6 +8,7 @@ Registered in :data:`TASKS`; chosen with ``task=<name>``.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 from typing import Any, Protocol
@@ -16,7 +17,7 @@ import torch
 
 from fedsim.registry import Registry
 
-__all__ = ["TASKS", "Task", "build"]
+__all__ = ["TASKS", "Task", "build", "names"]
 
 
 class Task(Protocol):
@@ -39,9 +40,21 @@ class Task(Protocol):
 TASKS: Registry[Task] = Registry("task")
 
 
-def build(name: str, **options: Any) -> Task:
-    """Build the registered task ``name``."""
+@functools.cache
+def _load_all() -> None:
+    """Import every task module once, for its registrations."""
     for info in pkgutil.iter_modules(__path__):
         if not info.name.startswith("_"):
             importlib.import_module(f"{__name__}.{info.name}")
+
+
+def build(name: str, **options: Any) -> Task:
+    """Build the registered task ``name``."""
+    _load_all()
     return TASKS.build(name, **options)
+
+
+def names() -> list[str]:
+    """Names of every registered task."""
+    _load_all()
+    return TASKS.names()
