@@ -11,6 +11,12 @@ from the Flower run config, exactly as the ServerApp does. Handlers:
     local tensors), train locally, reply with the averaged tensors and metrics.
 ``evaluate``
     Evaluate the global model on this client's held-out split.
+
+A node's data comes from its node config: ``partition-id``/``num-partitions``
+(simulation, and deployment demos) selects one partition of the experiment's
+dataset; ``data-path`` (a device's own files, see :mod:`fedsim.device_data`)
+makes the device train on its whole local copy, identified by ``partition-id``
+if given, else by a number derived from the data.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.fedma import register_fedma
 from fedsim.config import ExperimentConfig, experiment_from_run_config
+from fedsim.device_data import device_node_data
 from fedsim.faults import apply_fault, corrupt
 from fedsim.node import NodeData, evaluate_client, node_data, train_client
 from fedsim.params import SERVER_STATE_KEY, record_to_state, state_to_record
@@ -28,15 +36,18 @@ from fedsim.params import SERVER_STATE_KEY, record_to_state, state_to_record
 __all__ = ["app", "build_client_app"]
 
 LOCAL_STATE_KEY = "fedsim.local"
+DATA_PATH = "data-path"  # node config: the device's own data (fedsim.device_data)
+PARTITION_ID = "partition-id"  # node config: partition / identity of the node
 
 
 def _partition_id(context: Context) -> int:
     try:
-        return int(context.node_config["partition-id"])
+        return int(context.node_config[PARTITION_ID])
     except KeyError:
         raise ValueError(
-            "this SuperNode has no partition-id; start it with "
-            "--node-config 'partition-id=<i> num-partitions=<n>'"
+            "this SuperNode has neither partition-id nor data-path; start it with "
+            "--node-config 'partition-id=<i> num-partitions=<n>' or "
+            "--node-config 'data-path=\"/path/to/data\"'"
         ) from None
 
 
@@ -50,7 +61,14 @@ def build_client_app(exp: ExperimentConfig | None = None) -> ClientApp:
         )
 
     def data(context: Context) -> tuple[ExperimentConfig, NodeData]:
+        """This node's experiment and data (a device's own files with data-path)."""
         e = experiment(context)
+        path = context.node_config.get(DATA_PATH)
+        if path is not None:
+            pid = context.node_config.get(PARTITION_ID)
+            return device_node_data(
+                e, str(path), partition_id=None if pid is None else int(pid)
+            )
         return e, node_data(e, _partition_id(context))
 
     @app.query("hello")
@@ -94,7 +112,10 @@ def build_client_app(exp: ExperimentConfig | None = None) -> ClientApp:
         reply = RecordDict(
             {
                 "arrays": state_to_record(trained, shared),
-                "metrics": MetricRecord(update.metrics),  # type: ignore[arg-type]
+                # label counts let matching strategies (PFNM) weigh output units
+                "metrics": MetricRecord(
+                    {**update.metrics, "label-counts": node.label_counts()}
+                ),
             }
         )
         for name, tensors in update.extras.items():
@@ -107,6 +128,7 @@ def build_client_app(exp: ExperimentConfig | None = None) -> ClientApp:
         metrics = evaluate_client(e, node, _incoming_state(msg, context))
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)  # type: ignore[arg-type]
 
+    register_fedma(app, data)  # train.fedma_local and train.fedma_layer
     return app
 
 

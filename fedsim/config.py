@@ -31,6 +31,7 @@ __all__ = [
     "EvaluationConfig",
     "ExperimentConfig",
     "FaultsConfig",
+    "PruningConfig",
     "ResourcesConfig",
     "SimulationConfig",
     "compose",
@@ -68,6 +69,30 @@ class Component:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+PRUNING = ("none", "aofp")
+PRUNING_SIDES = ("client", "server")
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    """AOFP filter pruning during federated training (``client.pruning.*``).
+
+    See :mod:`fedsim.pruning.aofp` for the algorithm and
+    :mod:`fedsim.pruning.federated` for the two sides.
+    """
+
+    name: str = "none"  # "none" or "aofp"
+    side: str = "client"  # "client": each client prunes; "server": the global model
+    k: int = 50  # local steps per decision cycle (client side)
+    theta: float = 0.05  # prune a candidate half when its mean damage is below theta
+    warmup: int = 20  # steps (client side) or rounds (server side) before searching
+    target_flops: float = 0.5  # stop once FLOPs <= target_flops x the initial model's
+    layers: tuple[str, ...] = ()  # groups to prune (spec names); empty = all prunable
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(str(v) for v in self.layers))
+
+
 @dataclass(frozen=True)
 class ClientConfig:
     """Local training recipe of every client (``configs/client/*.yaml``)."""
@@ -87,6 +112,7 @@ class ClientConfig:
     proximal_mu: float = 0.0  # FedProx term; the fedprox strategy sends its own
     device: str = "cpu"  # "cpu", "cuda" or "auto" (cuda when available)
     num_threads: int = 0  # torch threads per client; 0 = the client's CPU share
+    pruning: PruningConfig = field(default_factory=PruningConfig)
 
 
 @dataclass(frozen=True)
@@ -131,6 +157,7 @@ class EvaluationConfig:
     batch_size: int = 1000
     federated: bool = False  # also evaluate on clients' local held-out splits
     local_test_fraction: float = 0.2  # share of each client's data held out for it
+    per_class: bool = False  # also record each class's and the worst class's accuracy
 
 
 @dataclass(frozen=True)
@@ -289,6 +316,7 @@ def validate(exp: ExperimentConfig) -> None:
         c.device in ("cpu", "cuda", "auto"),
         "one of: cpu, cuda, auto",
     )
+    _validate_pruning(c.pruning)
     s = exp.simulation
     _check_range(
         "simulation.engine",
@@ -330,6 +358,30 @@ def validate(exp: ExperimentConfig) -> None:
         e.local_test_fraction,
         0.0 <= e.local_test_fraction < 1.0,
         "in [0, 1)",
+    )
+
+
+def _validate_pruning(p: PruningConfig) -> None:
+    _check_range(
+        "client.pruning.name",
+        p.name,
+        p.name in PRUNING,
+        f"one of: {', '.join(PRUNING)}",
+    )
+    _check_range(
+        "client.pruning.side",
+        p.side,
+        p.side in PRUNING_SIDES,
+        f"one of: {', '.join(PRUNING_SIDES)}",
+    )
+    _check_range("client.pruning.k", p.k, p.k >= 1, "at least 1")
+    _check_range("client.pruning.theta", p.theta, p.theta > 0, "positive")
+    _check_range("client.pruning.warmup", p.warmup, p.warmup >= 0, "zero or more")
+    _check_range(
+        "client.pruning.target_flops",
+        p.target_flops,
+        0.0 < p.target_flops <= 1.0,
+        "in (0, 1]",
     )
 
 

@@ -25,6 +25,20 @@ from fedsim import models, tasks
 from fedsim.config import ExperimentConfig
 from fedsim.data.partition import partition
 from fedsim.exceptions import ConfigError
+from fedsim.plasticity import (
+    ANCHORS_RECORD,
+    FEDCURV_CONST,
+    FEDCURV_LAMBDA,
+    FISHER_RECORD,
+    FISHER_SAMPLES,
+    WPL_ALPHA,
+    CurvatureSums,
+    empirical_fisher,
+    fedcurv_penalty,
+    wpl_penalty,
+)
+from fedsim.pruning.aofp import AOFP, AOFP_RECORD, aofp_train
+from fedsim.pruning.flops import count_flops
 from fedsim.train import Penalty, derive_seed, evaluate, local_train
 
 __all__ = [
@@ -115,12 +129,41 @@ def _local_split(
 
 
 def node_data(exp: ExperimentConfig, partition_id: int) -> NodeData:
-    """Client ``partition_id``'s data in a simulation (one partition of the dataset)."""
+    """Client ``partition_id``'s data in a simulation (one partition of the dataset).
+
+    Cached per process: a simulation worker serves the same clients round after
+    round, and a client's data never changes within a run.
+    """
     if not 0 <= partition_id < exp.num_clients:
         raise ConfigError(
             f"partition-id={partition_id} is outside 0..{exp.num_clients - 1} "
             f"(num_clients={exp.num_clients})"
         )
+    fraction = exp.evaluation.local_test_fraction if exp.evaluation.federated else 0.0
+    key = _key(
+        {
+            "dataset": [exp.dataset.name, exp.dataset.options],
+            "partition": [exp.partition.name, exp.partition.options],
+            "clients": exp.num_clients,
+            "seed": exp.seed,
+            "held_out": fraction,
+        }
+    )
+    return _node_data_cached(exp, key, partition_id)
+
+
+_NODE_CACHE: dict[tuple[str, int], NodeData] = {}
+
+
+def _node_data_cached(exp: ExperimentConfig, key: str, partition_id: int) -> NodeData:
+    found = _NODE_CACHE.get((key, partition_id))
+    if found is None:
+        found = _build_node_data(exp, partition_id)
+        _NODE_CACHE[(key, partition_id)] = found
+    return found
+
+
+def _build_node_data(exp: ExperimentConfig, partition_id: int) -> NodeData:
     splits = load_dataset(exp)
     indices = partition_indices(exp)[partition_id]
     fraction = exp.evaluation.local_test_fraction if exp.evaluation.federated else 0.0
@@ -242,6 +285,67 @@ class ClientUpdate:
     extras: dict[str, Tensors] = field(default_factory=dict)
 
 
+def _penalty(
+    model: torch.nn.Module,
+    config: Mapping[str, Any],
+    extras: Mapping[str, Mapping[str, torch.Tensor]],
+    default_mu: float,
+) -> Penalty | None:
+    """The sum of the regularisers the round asks for (FedProx, WPL, FedCurv)."""
+    terms: list[Penalty] = []
+    anchor = {k: v.detach().clone() for k, v in model.named_parameters()}
+    device = next(iter(anchor.values())).device
+    mu = float(config.get("proximal-mu", default_mu))
+    if mu > 0:
+        terms.append(proximal_penalty(anchor, mu))
+    fisher = {k: v.to(device) for k, v in extras.get(FISHER_RECORD, {}).items()}
+    if fisher and ANCHORS_RECORD in extras:
+        weighted = {k: v.to(device) for k, v in extras[ANCHORS_RECORD].items()}
+        sums = CurvatureSums(fisher, weighted, float(config.get(FEDCURV_CONST, 0.0)))
+        terms.append(fedcurv_penalty(sums, float(config.get(FEDCURV_LAMBDA, 0.0))))
+    elif fisher and float(config.get(WPL_ALPHA, 0.0)) > 0:
+        terms.append(wpl_penalty(anchor, fisher, float(config[WPL_ALPHA])))
+    if len(terms) <= 1:
+        return terms[0] if terms else None
+
+    def total(params: Tensors) -> torch.Tensor:
+        return torch.stack([term(params) for term in terms]).sum()
+
+    return total
+
+
+def _pruning_search(
+    exp: ExperimentConfig,
+    splits: datasets.DataSplits,
+    model: torch.nn.Module,
+    extras: Mapping[str, Mapping[str, torch.Tensor]],
+    seed: int,
+) -> AOFP | None:
+    """AOFP's search for this round: the client's own, or probing for the server."""
+    cfg = exp.client.pruning
+    generator = torch.Generator().manual_seed(seed)
+    if cfg.name == "aofp" and cfg.side == "client":
+        template, _ = _template(exp.model.name, _key(model_kwargs(exp, splits)))
+        return AOFP(
+            model,
+            generator=generator,
+            layers=cfg.layers,
+            k=cfg.k,
+            theta=cfg.theta,
+            warmup=cfg.warmup,
+            target_flops=cfg.target_flops,
+            reference_flops=count_flops(template),
+        )
+    sets = extras.get(AOFP_RECORD)
+    if sets:
+        return AOFP(
+            model,
+            generator=generator,
+            search_sets={k: v.long().numpy() for k, v in sets.items()},
+        )
+    return None
+
+
 def train_client(
     exp: ExperimentConfig,
     node: NodeData,
@@ -254,8 +358,18 @@ def train_client(
     """Load ``state`` into the client's model, train locally, return the update.
 
     ``config`` is the round's ConfigRecord as a dict (``proximal-mu`` from
-    FedProx, ``lr`` overrides); ``extras`` are the message's further tensor
-    records by name (everything but the model).
+    FedProx, ``wpl-alpha``/``fedcurv-lambda`` and ``fisher-samples`` from the
+    plasticity strategies, ``lr`` overrides); ``extras`` are the message's
+    further tensor records by name (everything but the model): a Fisher
+    estimate and FedCurv anchors (:mod:`fedsim.plasticity`), AOFP search sets
+    (:mod:`fedsim.pruning.federated`).
+
+    With ``client.pruning`` on the client side, AOFP runs during local training
+    and the update comes back narrower (``flops`` in the metrics). With search
+    sets from the server, the client measures AOFP's damages and returns them
+    as the extra record ``fedsim.aofp``. When the round asks for
+    ``fisher-samples``, the client also returns its empirical Fisher at the
+    trained weights as ``fedsim.fisher``.
     """
     set_threads(client_threads(exp))
     splits_meta = load_dataset(exp)
@@ -266,24 +380,60 @@ def train_client(
     lr = float(
         config.get("lr", exp.client.lr * exp.client.lr_decay ** (server_round - 1))
     )
-    mu = float(config.get("proximal-mu", exp.client.proximal_mu))
-    penalty = None
-    if mu > 0:
-        anchor = {k: v.detach().clone() for k, v in model.named_parameters()}
-        penalty = proximal_penalty(anchor, mu)
+    extras = extras or {}
+    penalty = _penalty(model, config, extras, exp.client.proximal_mu)
     generator = torch.Generator().manual_seed(
         derive_seed(exp.seed, server_round, node.partition_id)
     )
-    x, y = node.x_train.to(device), node.y_train.to(device)
-    result = local_train(
-        model, x, y, exp.client, task, generator=generator, lr=lr, penalty=penalty
+    search = _pruning_search(
+        exp,
+        splits_meta,
+        model,
+        extras,
+        derive_seed(exp.seed, server_round, node.partition_id, 5),
     )
+    x, y = node.x_train.to(device), node.y_train.to(device)
+    if search is None:
+        result = local_train(
+            model, x, y, exp.client, task, generator=generator, lr=lr, penalty=penalty
+        )
+    else:
+        result = aofp_train(
+            model,
+            x,
+            y,
+            exp.client,
+            task,
+            search=search,
+            generator=generator,
+            lr=lr,
+            penalty=penalty,
+        )
     metrics = {
         "num-examples": float(result.num_examples),
         "train_loss": result.train_loss,
         "num-steps": float(result.num_steps),
     }
-    return ClientUpdate({k: v.cpu() for k, v in result.state_dict.items()}, metrics)
+    trained = result.state_dict
+    out: dict[str, Tensors] = {}
+    if search is not None and search.measure_only:
+        out[AOFP_RECORD] = search.statistics()
+    elif search is not None:
+        model, trained = search.export(trained)
+        metrics["flops"] = float(count_flops(model))
+    samples = int(config.get(FISHER_SAMPLES, 0))
+    if samples > 0:
+        model.load_state_dict(trained)
+        pick = torch.randperm(int(x.shape[0]), generator=generator)[:samples]
+        pick = pick.to(device)
+        out[FISHER_RECORD] = empirical_fisher(
+            model, x.index_select(0, pick), y.index_select(0, pick), task
+        )
+    return ClientUpdate(
+        {k: v.cpu() for k, v in trained.items()},
+        metrics,
+        {name: {k: v.cpu() for k, v in t.items()} for name, t in out.items()},
+    )
 
 
 def evaluate_client(

@@ -181,10 +181,16 @@ def _execute(
     from fedsim.simulation import run_simulation
 
     try:
-        if exp.simulation.engine == "inprocess":
+        if exp.simulation.engine in ("inprocess", "vectorized"):
             from fedsim.inprocess import InProcessGrid
+            from fedsim.vectorized import VectorizedGrid
 
-            grid = InProcessGrid(build_client_app(exp), exp.num_clients)
+            app = build_client_app(exp)
+            grid = (
+                VectorizedGrid(app, exp)
+                if exp.simulation.engine == "vectorized"
+                else InProcessGrid(app, exp.num_clients)
+            )
             loop = ServerLoop(
                 exp,
                 prepared.strategy,
@@ -194,7 +200,11 @@ def _execute(
                 progress=progress,
                 resume_from=resume_from,
             )
-            loop.run(grid)
+            try:
+                loop.run(grid)
+            finally:
+                if isinstance(grid, VectorizedGrid):
+                    grid.close()
         else:
             server_app = build_server_app(
                 exp,

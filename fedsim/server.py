@@ -30,11 +30,14 @@ from flwr.serverapp import Grid
 
 from fedsim import models, tasks
 from fedsim.checkpoint import Checkpoint, capture_rng, restore_rng, save_checkpoint
+from fedsim.class_accuracy import class_accuracy
 from fedsim.config import ExperimentConfig
 from fedsim.data import DataSplits
 from fedsim.faults import FAULT_KEY, STRAGGLE_KEY, plan_faults
 from fedsim.grid import FedsimGrid
 from fedsim.params import record_to_state, split_roles, state_to_record
+from fedsim.pruning.federated import federated_pruning
+from fedsim.pruning.flops import count_flops
 from fedsim.results import Results, write_label_histogram
 from fedsim.train import derive_seed, evaluate
 from fedsim.validation import check_reply
@@ -82,6 +85,7 @@ class ServerLoop:
         if bind is not None:
             self.task = bind(self.model)
         self.roles = models.tensor_roles(self.model)
+        self.strategy = federated_pruning(self.exp, self.strategy, self.model)
 
     # -- state helpers ------------------------------------------------------
     def _split(self, state: dict[str, torch.Tensor]) -> tuple[ArrayRecord, ArrayRecord]:
@@ -102,7 +106,7 @@ class ServerLoop:
             self.roles = models.tensor_roles(model)
         self.model.load_state_dict(full, strict=True)
 
-    def _evaluate(self) -> dict[str, float]:
+    def _evaluate(self) -> dict[str, Any]:
         test = self.splits.test
         metrics = evaluate(
             self.model,
@@ -111,7 +115,17 @@ class ServerLoop:
             self.task,
             batch_size=self.exp.evaluation.batch_size,
         )
-        return {f"test_{k}": v for k, v in metrics.items()}
+        out: dict[str, Any] = {f"test_{k}": v for k, v in metrics.items()}
+        if self.exp.evaluation.per_class:
+            per_class = class_accuracy(
+                self.model,
+                test.x,
+                test.y,
+                num_classes=self.splits.num_classes,
+                batch_size=self.exp.evaluation.batch_size,
+            )
+            out.update({f"test_{k}": v for k, v in per_class.items()})
+        return out
 
     def _num_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
@@ -142,6 +156,7 @@ class ServerLoop:
                 "round": 0,
                 **self._evaluate(),
                 "num_params": self._num_params(),
+                "flops": count_flops(self.model),
             }
             self._commit(0, record0)
         arrays, server_state = self._split(self.model.state_dict())
@@ -154,6 +169,7 @@ class ServerLoop:
             if rnd % exp.evaluation.every == 0 or rnd == exp.num_rounds:
                 record.update(self._evaluate())
             record["num_params"] = self._num_params()
+            record["flops"] = count_flops(self.model)
             record["round_seconds"] = time.perf_counter() - started
             self._commit(rnd, record)
         self.results.finish("completed")

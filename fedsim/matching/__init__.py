@@ -6,6 +6,7 @@ from fedsim.matching.bbp import (
     reference_max_new,
     rematch_scores,
 )
+from fedsim.matching.match import global_model, match, slice_for_client
 from fedsim.matching.permspec import (
     AxisRef,
     PermGroup,
@@ -23,6 +24,8 @@ __all__ = [
     "PFNMResult",
     "PermGroup",
     "PermutationSpec",
+    "global_model",
+    "match",
     "match_units",
     "permute_state_dict",
     "pfnm_mlp",
@@ -31,5 +34,6 @@ __all__ = [
     "reference_max_new",
     "rematch_scores",
     "select_units",
+    "slice_for_client",
     "unit_indices",
 ]

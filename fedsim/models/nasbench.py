@@ -36,6 +36,7 @@ from typing import cast
 import torch
 from torch import nn
 
+from fedsim.exceptions import ConfigError
 from fedsim.matching.permspec import AxisRef, PermGroup, PermutationSpec
 from fedsim.models import MODELS
 from fedsim.models._nasbench_graph import (
@@ -383,14 +384,42 @@ def nasbench(
     channels: int = 16,
     num_stacks: int = 3,
     cells_per_stack: int = 1,
+    sample: int | None = None,
+    sample_seed: int = 0,
+    bn_momentum: float = BN_MOMENTUM,
 ) -> NASBenchNet:
     """Registered ``nasbench``: the cell as ``matrix`` (list of lists) and ``ops``.
 
-    The published CIFAR-10 network is ``stem_channels=128, channels=128,
-    num_stacks=3, cells_per_stack=3`` on ``input_shape=(3, 32, 32)``.
+    ``sample=i`` builds instead the ``i``-th of the random valid cells that
+    :func:`sample_specs` draws with ``sample_seed`` (``matrix`` and ``ops`` are
+    then ignored); the list is the same for any count, so cell ``i`` of a
+    random search is one fixed cell. ``bn_momentum`` is torch's BatchNorm
+    momentum of every layer; the benchmark's 0.003 (decay 0.997) needs
+    thousands of steps before the running statistics fit the data, so short
+    federated runs, evaluated with those statistics, want a larger value such
+    as torch's default 0.1. The published CIFAR-10 network is
+    ``stem_channels=128, channels=128, num_stacks=3, cells_per_stack=3`` on
+    ``input_shape=(3, 32, 32)``.
+
+    Raises
+    ------
+    fedsim.exceptions.ConfigError
+        If ``sample`` is negative or ``bn_momentum`` is outside (0, 1].
     """
-    return NASBenchNet(
-        spec=ModelSpec(matrix, ops),
+    if not 0.0 < bn_momentum <= 1.0:
+        raise ConfigError(
+            f"nasbench bn_momentum must lie in (0, 1], got {bn_momentum!r}"
+        )
+    if sample is None:
+        spec = ModelSpec(matrix, ops)
+    else:
+        if isinstance(sample, bool) or int(sample) != sample or sample < 0:
+            raise ConfigError(
+                f"nasbench sample must be null or a cell index >= 0, got {sample!r}"
+            )
+        spec = sample_specs(int(sample) + 1, int(sample_seed))[int(sample)]
+    net = NASBenchNet(
+        spec=spec,
         input_shape=input_shape,
         num_classes=num_classes,
         stem_channels=stem_channels,
@@ -398,3 +427,7 @@ def nasbench(
         num_stacks=num_stacks,
         cells_per_stack=cells_per_stack,
     )
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = float(bn_momentum)
+    return net

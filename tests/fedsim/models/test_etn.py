@@ -13,7 +13,7 @@ from sklearn.datasets import load_digits
 from torch.nn import functional as F
 
 from fedsim import models
-from fedsim.data.rotations import random_rotate_scale, rotate_scale
+from fedsim.data._rotations import random_rotate_scale, rotate_scale
 from fedsim.exceptions import ConfigError
 from fedsim.models._etn_transforms import GROUPS, apply_homography
 from fedsim.models.etn import ETN, EquivariantTransformer

@@ -1,10 +1,12 @@
 """Rotating and scaling image batches about their centre (rotated-MNIST style data).
 
-Pure torch functions, used to build the ``mnist5k_rot`` dataset: every image is
-turned by an angle and magnified by a factor about the centre of the canvas,
-with bilinear interpolation (``align_corners=True``, so ``+-1`` are the centres
-of the border pixels and a quarter turn of a square image moves pixels exactly
-onto pixels) and zeros where the source lies outside the canvas.
+Pure torch functions, used to build the ``mnist5k_rot`` dataset (this module
+registers nothing; the leading underscore keeps it out of dataset discovery):
+every image is turned by an angle and magnified by a factor about the centre
+of the canvas, with bilinear interpolation (``align_corners=True``, so ``+-1``
+are the centres of the border pixels and a quarter turn of a square image
+moves pixels exactly onto pixels) and zeros where the source lies outside the
+canvas.
 
 Angles are in radians; a positive angle turns the picture counterclockwise as
 displayed (row 0 at the top), the sense of ``torch.rot90(x, 1, dims=(-2, -1))``.
