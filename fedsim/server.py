@@ -36,7 +36,6 @@ from fedsim.data import DataSplits
 from fedsim.faults import FAULT_KEY, STRAGGLE_KEY, plan_faults
 from fedsim.grid import FedsimGrid
 from fedsim.params import record_to_state, split_roles, state_to_record
-from fedsim.pruning.federated import federated_pruning
 from fedsim.pruning.flops import count_flops
 from fedsim.results import Results, write_label_histogram
 from fedsim.train import derive_seed, evaluate
@@ -85,7 +84,6 @@ class ServerLoop:
         if bind is not None:
             self.task = bind(self.model)
         self.roles = models.tensor_roles(self.model)
-        self.strategy = federated_pruning(self.exp, self.strategy, self.model)
 
     # -- state helpers ------------------------------------------------------
     def _split(self, state: dict[str, torch.Tensor]) -> tuple[ArrayRecord, ArrayRecord]:

@@ -18,6 +18,7 @@ import strategies  # noqa: F401  (registers every strategy)
 from fedsim import node
 from fedsim.config import ExperimentConfig, experiment_from_run_config
 from fedsim.exceptions import FedsimError
+from fedsim.pruning.federated import federated_pruning
 from fedsim.results import Results
 from fedsim.server import ServerLoop
 from fedsim.strategy import STRATEGIES, StrategyContext
@@ -42,7 +43,12 @@ def build_strategy(exp: ExperimentConfig, model: Any, num_classes: int) -> Any:
         task=exp.task.name,
         client_lr=exp.client.lr,
     )
-    return STRATEGIES.build(exp.strategy.name, context=context, **exp.strategy.options)
+    strategy = STRATEGIES.build(
+        exp.strategy.name, context=context, **exp.strategy.options
+    )
+    # server-side AOFP wraps the strategy; client-side AOFP needs one that
+    # merges different widths (refused here, before any output is written)
+    return federated_pruning(exp, strategy, model)
 
 
 class Prepared:

@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedsim.exceptions import ConfigError
-from fedsim.matching.permspec import PermutationSpec
+from fedsim.matching.permspec import PermutationSpec, select_units
 from fedsim.params import state_to_record
 from fedsim.plasticity import (
     FISHER_RECORD,
@@ -35,7 +35,6 @@ from fedsim.plasticity import (
     normalise,
     weighted_mean,
 )
-from fedsim.pruning.removal import select_present
 from fedsim.strategy import STRATEGIES, StrategyContext
 from strategies._fisher import fits, take_fisher
 
@@ -130,7 +129,7 @@ class FedAvgWPL(FedAvg):
     def select_units(self, spec: PermutationSpec, group: str, keep: np.ndarray) -> None:
         """Shrink the Fisher memory when the server prunes units of ``group``."""
         if self.fisher is not None:
-            self.fisher = select_present(self.fisher, spec, group, keep)
+            self.fisher = select_units(self.fisher, spec, group, keep)
 
 
 @STRATEGIES.register("fedavg_wpl")

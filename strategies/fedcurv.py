@@ -26,7 +26,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedsim.exceptions import ConfigError
-from fedsim.matching.permspec import PermutationSpec
+from fedsim.matching.permspec import PermutationSpec, select_units
 from fedsim.params import state_to_record
 from fedsim.plasticity import (
     ANCHORS_RECORD,
@@ -38,7 +38,6 @@ from fedsim.plasticity import (
     curvature_sums,
     leave_out,
 )
-from fedsim.pruning.removal import select_present
 from fedsim.strategy import STRATEGIES, StrategyContext
 from strategies._fisher import fits, take_fisher
 
@@ -143,8 +142,8 @@ class FedCurv(FedAvg):
             return
         self.previous = {
             node: (
-                select_present(f, spec, group, keep),
-                select_present(w, spec, group, keep),
+                select_units(f, spec, group, keep),
+                select_units(w, spec, group, keep),
             )
             for node, (f, w) in self.previous.items()
         }

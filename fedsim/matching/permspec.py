@@ -251,12 +251,16 @@ def select_units(
 
     Every axis the group moves shrinks; slices at other offsets of the same axis
     are kept. Index-valued tensors (``values=True``) pointing at removed units
-    become ``-1``; the others are renumbered.
+    become ``-1``; the others are renumbered. Tensors of the group missing from
+    ``state`` are skipped (as :func:`permute_state_dict` does), so a partial
+    state dict (a Fisher estimate without BatchNorm statistics) shrinks too.
     """
     g = spec.group(group)
     keep_arr = np.asarray(list(keep) if not isinstance(keep, np.ndarray) else keep)
     out = dict(state)
     for ref in g.axes:
+        if ref.tensor not in out:
+            continue
         t = out[ref.tensor]
         if ref.values:
             new_id = np.full(g.size, -1, dtype=np.int64)

@@ -18,33 +18,11 @@ import torch
 from torch import nn
 
 from fedsim import models
-from fedsim.matching.permspec import PermGroup, PermutationSpec, select_units
+from fedsim.matching.permspec import PermutationSpec, select_units
 
-__all__ = ["remove_units", "select_present"]
+__all__ = ["remove_units"]
 
 Tensors = dict[str, torch.Tensor]
-
-
-def _restricted(spec: PermutationSpec, group: str, keys: set[str]) -> PermutationSpec:
-    """A one-group spec whose axes are the group's axes on tensors in ``keys``."""
-    g = spec.group(group)
-    axes = tuple(ref for ref in g.axes if ref.tensor in keys)
-    return PermutationSpec((PermGroup(g.name, g.size, axes, g.width_key),))
-
-
-def select_present(
-    tensors: Mapping[str, torch.Tensor],
-    spec: PermutationSpec,
-    group: str,
-    keep: Sequence[int] | np.ndarray,
-) -> Tensors:
-    """:func:`~fedsim.matching.permspec.select_units` on a partial state dict.
-
-    Tensors of the group absent from ``tensors`` (a Fisher estimate has no
-    BatchNorm statistics) are skipped instead of required.
-    """
-    sub = _restricted(spec, group, set(tensors))
-    return select_units(tensors, sub, group, np.asarray(keep, dtype=np.int64))
 
 
 def remove_units(
