@@ -30,7 +30,7 @@ commands:
   sample <run folder>      draw samples from a trained density model (PNG grid)
   certs <dir>              create TLS certificates and SuperNode keys for deployment
   nas [overrides...]       NAS-Bench-101 random search: train sampled cells, rank them
-  oneshot [overrides...]   one-shot PFNM table: PFNM, one-shot FedAvg, ensemble, local, central
+  oneshot [overrides...]   one-shot PFNM table (PFNM, FedAvg, ensemble, local, central)
 
 `fedsim <command> --help` describes each command."""
 

@@ -353,6 +353,11 @@ def validate(exp: ExperimentConfig) -> None:
         )
     e = exp.evaluation
     _check_range("evaluation.every", e.every, e.every >= 1, "at least 1")
+    if e.per_class and exp.task.name != "classification":
+        raise ConfigError(
+            f"evaluation.per_class=true needs task=classification, not "
+            f"task={exp.task.name}"
+        )
     _check_range(
         "evaluation.local_test_fraction",
         e.local_test_fraction,

@@ -97,6 +97,8 @@ def _partition_cached(
 ) -> tuple[np.ndarray, ...]:
     splits = datasets.load(dataset, **json.loads(dataset_options))
     labels = splits.train.y.numpy()
+    if labels.ndim != 1:  # regression targets (fields): a single stratum
+        labels = np.zeros(len(labels), dtype=np.int64)
     parts = partition(
         name, labels, num_clients=num_clients, seed=seed, **json.loads(options)
     )

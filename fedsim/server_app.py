@@ -15,7 +15,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 import strategies  # noqa: F401  (registers every strategy)
-from fedsim import node
+from fedsim import node, tasks
 from fedsim.config import ExperimentConfig, experiment_from_run_config
 from fedsim.exceptions import FedsimError
 from fedsim.pruning.federated import federated_pruning
@@ -59,6 +59,10 @@ class Prepared:
         self.splits = node.load_dataset(exp)
         node.partition_indices(exp)  # validates the partition (raises ConfigError)
         self.model = node.build_global_model(exp, self.splits)
+        task = tasks.build(exp.task.name, **exp.task.options)
+        bind = getattr(task, "bind_model", None)
+        if bind is not None:  # e.g. certify_eps needs a Lipschitz-bounded model
+            bind(self.model)
         self.strategy = build_strategy(exp, self.model, self.splits.num_classes)
 
 

@@ -37,6 +37,12 @@ class Task(Protocol):
         ...
 
 
+# Optional: a task may define ``bind_model(model) -> Task``, returning the task
+# specialised to the model it evaluates (classification's ``certify_eps`` reads
+# the model's Lipschitz constant). The server calls it once before round 0 and
+# it raises ConfigError when the model does not fit the task.
+
+
 TASKS: Registry[Task] = Registry("task")
 
 

@@ -13,7 +13,6 @@ import torch
 
 from clients.client_app import LOCAL_STATE_KEY, build_client_app
 from fedsim.config import compose, from_dictconfig
-from fedsim.exceptions import DataError
 from fedsim.inprocess import InProcessGrid
 from fedsim.models.nasbench import sample_specs
 from fedsim.params import record_to_state
@@ -201,12 +200,6 @@ def test_gen_positions_owned_by_the_server_are_shared_and_fixed(
     assert not torch.equal(run.states[2][key], run.states[0][key])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=DataError,
-    reason="fedsim/node.py partitions on the targets, which are (N, n*n) fields "
-    "here; it needs one stratum for non-1-D targets (see the report)",
-)
 def test_gen_learns_poisson_fields_federatedly(tmp_path: Path) -> None:
     run = _run(
         tmp_path,
