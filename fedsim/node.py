@@ -447,6 +447,9 @@ def evaluate_client(
     splits_meta = load_dataset(exp)
     model = _model_for(exp, splits_meta, state)
     task = tasks.build(exp.task.name, **exp.task.options)
+    bind = getattr(task, "bind_model", None)
+    if bind is not None:  # as the server does: e.g. density's bits per dimension
+        task = bind(model)
     n = int(node.x_test.shape[0])
     if n == 0:
         return {"num-examples": 0.0}
