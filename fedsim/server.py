@@ -98,8 +98,15 @@ class ServerLoop:
         full.update({k: v for k, v in state.items() if k not in full})
         model = models.fit_to_state(self.model, full)
         if model is not self.model:
+            # the aggregate changed widths: server-owned tensors that no longer
+            # fit (their old widths) restart from the rebuilt model's values
             template = model.state_dict()
-            full = {k: full[k] if k in full else template[k] for k in template}
+            full = {
+                k: full[k]
+                if k in full and full[k].shape == template[k].shape
+                else template[k]
+                for k in template
+            }
             self.model = model
             self.roles = models.tensor_roles(model)
         self.model.load_state_dict(full, strict=True)

@@ -10,7 +10,6 @@ round's train-loss metric.
 from __future__ import annotations
 
 import copy
-import importlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +28,8 @@ from flwr.serverapp import Grid
 from numpy.typing import NDArray
 
 from fedsim import models
-from fedsim.exceptions import AggregationError, ConfigError
+from fedsim.exceptions import AggregationError
+from fedsim.matching.match import match as spec_match
 from fedsim.matching.permspec import PermutationSpec
 from fedsim.matching.pfnm import pfnm_mlp_with_assignments
 from fedsim.params import array_to_numpy
@@ -40,7 +40,6 @@ __all__ = [
     "Matched",
     "Units",
     "fits",
-    "general_matcher",
     "held_out_score",
     "match_general",
     "match_mlp",
@@ -183,18 +182,6 @@ def match_mlp(
     )
 
 
-def general_matcher(model_name: str) -> Any:
-    """``fedsim.matching.match`` (the spec-driven matcher), or a ConfigError."""
-    try:
-        module = importlib.import_module("fedsim.matching.match")
-    except ImportError:
-        raise ConfigError(
-            f"strategy pfnm can match model 'mlp' only until fedsim.matching.match "
-            f"exists; got model {model_name!r}."
-        ) from None
-    return module.match
-
-
 def match_general(
     clients: Sequence[LocalModel],
     counts: np.ndarray,
@@ -204,7 +191,6 @@ def match_general(
     model_name: str,
 ) -> Matched:
     """Any other model, through ``fedsim.matching.match``."""
-    match = general_matcher(model_name)
     nets = []
     for c in clients:  # each client's model at its own widths
         tensors = {k: torch.from_numpy(v) for k, v in c.state.items()}
@@ -218,7 +204,7 @@ def match_general(
             g: [units[g] for units in init if units is not None] for g in init[0]
         }
     spec = models.permutation_spec(nets[0])
-    global_state, found = match(nets, spec, counts, template=template, **options)
+    global_state, found = spec_match(nets, spec, counts, template=template, **options)
     missing = sorted(set(clients[0].state) - set(global_state))
     if missing:
         raise AggregationError(

@@ -70,7 +70,6 @@ from strategies._pfnm_parts import (
     Matched,
     Units,
     fits,
-    general_matcher,
     held_out_score,
     match_general,
     match_mlp,
@@ -170,8 +169,6 @@ class PFNMStrategy(FedAvg):
                 "strategy.select=true scores settings on the clients' held-out data; "
                 "use evaluation=federated (evaluation.local_test_fraction > 0)."
             )
-        if context.model_name != "mlp":
-            general_matcher(context.model_name)  # refuses until it exists
         self.context = context
         self.hyper = hyper
         self.iters, self.rematch_iters = iters, rematch_iters

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from fedsim.matching.assemble import assemble
 from fedsim.matching.bbp import Popularity
 from fedsim.matching.layout import SpecLayout, scatter_state
 from fedsim.matching.match import match_groups
@@ -167,7 +168,7 @@ def match_layer(
     new = [k for k in now if not data.layouts[0].groups_of(k) <= before]
     result = matched[group]
     return LayerMatch(
-        group, result.assignments, result.width, data.assemble(matched, new), data.head
+        group, result.assignments, result.width, assemble(data, matched, new), data.head
     )
 
 

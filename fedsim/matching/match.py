@@ -33,10 +33,12 @@ from numpy.typing import ArrayLike, NDArray
 
 from fedsim import models
 from fedsim.exceptions import AggregationError, ConfigError
+from fedsim.matching.assemble import assemble
 from fedsim.matching.bbp import Popularity, match_units
 from fedsim.matching.layout import SpecLayout, gather_state
-from fedsim.matching.neurons import BIAS_PRIOR_MEAN, ClientStates, Done, Missing
+from fedsim.matching.neurons import ClientStates, Done, Missing
 from fedsim.matching.permspec import PermutationSpec
+from fedsim.matching.pfnm import BIAS_PRIOR_MEAN
 
 __all__ = [
     "Assignments",
@@ -168,7 +170,7 @@ def match(
         popularity=popularity,
         init=init,
     )
-    return data.assemble(done), {g: done[g].assignments for g in names}
+    return assemble(data, done), {g: done[g].assignments for g in names}
 
 
 def matching_order(spec: PermutationSpec, order: Order | Sequence[str]) -> list[str]:

@@ -28,8 +28,9 @@ axes of ``g`` (in the spec's order), of the unit's slice of each
 ``posterior`` tensor. Along the slice's other axes, a free index (input
 pixels, kernel taps, classes) is kept, an index of a group already matched is
 put in global order (entries of global units the client lacks carry zero
-precision), and an index of ``g`` itself or of a group not matched yet is
-left out.
+precision, or are observed zeros with ``missing="patch"``), and an index of
+``g`` itself or of a group not matched yet is left out. The global tensors
+are assembled from the same evidence by :mod:`fedsim.matching.assemble`.
 """
 
 from __future__ import annotations
@@ -45,14 +46,13 @@ from numpy.typing import NDArray
 from fedsim.exceptions import AggregationError, ConfigError
 from fedsim.matching.layout import AxisLayout, SpecLayout
 from fedsim.matching.permspec import AxisRef, PermGroup, PermutationSpec, unit_indices
+from fedsim.matching.pfnm import BIAS_PRIOR_MEAN
 
 __all__ = ["BIAS_PRIOR_MEAN", "ClientStates", "Done", "Kind", "Missing"]
 
 Kind = Literal["posterior", "mean", "first", "pass"]
 Missing = Literal["zero_precision", "patch"]
 
-BIAS_PRIOR_MEAN = 0.1
-"""PFNM's prior mean of biases (its reference code initialises biases to 0.1)."""
 
 F64 = NDArray[np.float64]
 I64 = NDArray[np.int64]
@@ -324,142 +324,6 @@ class ClientStates:
             # axis 0 is the class axis, the first of the other axes
             prec *= self.shares[j].reshape(1, -1, *([1] * (len(lengths) - 1)))
         return vec, prec
-
-    # ----------------------------------------------------------- assembly
-    def moved_groups(self, done: Mapping[str, Done]) -> set[str]:
-        """Groups whose global order or width differs from some client's."""
-        out = set()
-        for name, d in done.items():
-            for a in d.assignments:
-                if len(a) != d.width or not np.array_equal(a, np.arange(d.width)):
-                    out.add(name)
-                    break
-        return out
-
-    def assemble(
-        self, done: Mapping[str, Done], keys: Sequence[str] | None = None
-    ) -> dict[str, torch.Tensor]:
-        """The global tensors ``keys`` (default all) under the assignments ``done``.
-
-        Every group that moves a requested tensor must be in ``done``.
-        """
-        widths = {name: d.width for name, d in done.items()}
-        target = self.layouts[0].resized(widths)
-        moved = self.moved_groups(done)
-        rank = {name: i for i, name in enumerate(done)}  # the matching order
-        moves = [
-            {name: d.assignments[j] for name, d in done.items()}
-            for j in range(self.n_clients)
-        ]
-        out: dict[str, torch.Tensor] = {}
-        for key in self.keys if keys is None else keys:
-            groups = self.layouts[0].groups_of(key)
-            missing = groups - set(done)
-            if missing:
-                raise AggregationError(
-                    f"tensor {key!r} needs group {sorted(missing)[0]!r} matched first."
-                )
-            kind = self.kinds[key]
-            if kind != "posterior" and self.roles.get(key, "average") != "average":
-                if not groups & moved:
-                    kind = "pass"
-            value = self._assemble_one(key, kind, target, moves, rank)
-            out[key] = torch.from_numpy(np.array(value, order="C")).to(self.dtypes[key])
-        return out
-
-    def _assemble_one(
-        self,
-        key: str,
-        kind: Kind,
-        target: SpecLayout,
-        moves: list[dict[str, I64]],
-        order: Mapping[str, int],
-    ) -> np.ndarray:
-        if kind == "pass":
-            return self.arrays[0][key]
-        shape = target.shapes[key]
-        maps = [
-            np.ix_(*lay.maps(key, target, mv)) if shape else ()
-            for lay, mv in zip(self.layouts, moves, strict=True)
-        ]
-        if kind == "first":
-            out = np.full(
-                shape, -1 if self._indexes(key) else 0, self.arrays[0][key].dtype
-            )
-            seen = np.zeros(shape, dtype=bool)
-            for lay, mv, ix, arrs in zip(
-                self.layouts, moves, maps, self.arrays, strict=True
-            ):
-                x = lay.relabel(key, arrs[key], target, mv)
-                out[ix] = np.where(seen[ix], out[ix], x)
-                seen[ix] = True
-            return out
-        if kind == "mean":
-            num, den = np.zeros(shape), np.zeros(shape)
-            for w, ix, arrs in zip(self.weights, maps, self.arrays, strict=True):
-                num[ix] += w * arrs[key]
-                den[ix] += w
-            return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
-        num = np.full(shape, self.p0 * self.prior_mean(key))
-        den = np.full(shape, self.p0)
-        ranks = self._ranks(key, target, order)
-        for j, (lay, mv, arrs) in enumerate(
-            zip(self.layouts, moves, self.arrays, strict=True)
-        ):
-            index = lay.maps(key, target, mv)
-            x = np.zeros(shape)
-            x[np.ix_(*index)] = arrs[key]
-            s = self.s * self._observed(index, ranks, shape)
-            if key in self.head and self.shares is not None:
-                s = s * self.shares[j].reshape(-1, *([1] * (len(shape) - 1)))
-            num += s * x
-            den += s
-        return num / den
-
-    def _ranks(
-        self, key: str, target: SpecLayout, order: Mapping[str, int]
-    ) -> list[I64]:
-        """Per axis of ``key``: when each global position's group was matched
-        (-1 for free positions)."""
-        out = []
-        for axis, n in enumerate(target.shapes[key]):
-            rank = np.full(n, -1, dtype=np.int64)
-            lay = target.axes.get((key, axis))
-            for seg in lay.segments if lay is not None else ():
-                if seg.group is not None:
-                    rank[seg.start : seg.start + seg.length] = order[seg.group]
-            out.append(rank)
-        return out
-
-    def _observed(
-        self, index: list[I64], ranks: list[I64], shape: tuple[int, ...]
-    ) -> np.ndarray:
-        """Which global entries a client observes.
-
-        An entry is observed when the client has it; with ``missing="patch"``
-        also when the client has the unit of the last-matched group among the
-        entry's axes (it then observes a zero for units it lacks elsewhere).
-        """
-        ndim = len(shape)
-        has = []
-        for axis, (idx, n) in enumerate(zip(index, shape, strict=True)):
-            h = np.zeros(n, dtype=bool)
-            h[idx] = True
-            has.append(h.reshape([n if a == axis else 1 for a in range(ndim)]))
-        if not has:
-            return np.ones(shape, dtype=bool)
-        if self.missing == "zero_precision":
-            return np.logical_and.reduce(np.broadcast_arrays(*has))
-        rank = [
-            r.reshape([len(r) if a == axis else 1 for a in range(ndim)])
-            for axis, r in enumerate(ranks)
-        ]
-        last = np.maximum.reduce(np.broadcast_arrays(*rank))
-        parts = [h | (r < last) for h, r in zip(has, rank, strict=True)]
-        return np.logical_and.reduce(np.broadcast_arrays(*parts))
-
-    def _indexes(self, key: str) -> bool:
-        return any(ref.tensor == key for _, ref in self.layouts[0].values)
 
 
 def _shape_of(layout: AxisLayout) -> list[tuple[str | None, int, int]]:

@@ -37,11 +37,31 @@ SMALL = [
 GROUPS = ["conv.0", "conv.1", "hidden.0"]
 
 
-def test_two_clients_fedma_run_grows_and_learns(tmp_path: Path) -> None:
+def test_two_clients_fedma_run_grows_and_learns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[tuple[str, str | None, int]] = []  # type, group, messages
+    plain = FedsimGrid.send_and_receive
+
+    def spy(self: FedsimGrid, messages: Any, **kw: Any) -> Any:
+        messages = list(messages)
+        if messages:
+            config = messages[0].content.get("config")
+            group = config.get("fedma-group") if config is not None else None
+            kind = str(messages[0].metadata.message_type)
+            sent.append((kind, None if group is None else str(group), len(messages)))
+        return plain(self, messages, **kw)
+
+    monkeypatch.setattr(FedsimGrid, "send_and_receive", spy)
     results = run(
         [*SMALL, "num_clients=2", "num_rounds=2", f"output_dir={tmp_path / 'r'}"],
         progress=lambda r: None,
     )
+    one_round = [
+        ("train.fedma_local", None, 2),
+        *[("train.fedma_layer", g, 2) for g in GROUPS],
+    ]
+    assert sent == one_round * 2  # local training, then one phase per layer
     data = json.loads((tmp_path / "r" / "results.json").read_text())
     rounds = data["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]

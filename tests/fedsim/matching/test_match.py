@@ -137,7 +137,7 @@ def test_every_registered_model_recovers_permuted_copies(name: str) -> None:
         g.name for g in spec if all(roles[r.tensor] == "local" for r in g.axes)
     }
     clients, _ = permuted_copies(original, 3, seed=5, skip=local_only)
-    state, _ = match(
+    state, found = match(
         clients, class_counts=np.ones((3, SMALL_BUILD["num_classes"])), sigma0_2=1e8
     )
     merged = global_model(original, state).double().eval()
@@ -146,6 +146,20 @@ def test_every_registered_model_recovers_permuted_copies(name: str) -> None:
     with torch.no_grad():
         scale = max(float(t.abs().max()) for t in outputs(original, x))
     assert max_diff(merged, original, x) < 1e-6 * (1.0 + scale)
+    # slicing the global model by each client's assignment gives that client
+    # back, unit-index tensors (selective pointers, Lego indices) included
+    merged_spec = models.permutation_spec(merged)
+    for j, client in enumerate(clients):
+        own = slice_for_client(state, merged_spec, found, j)
+        for key, value in client.state_dict().items():
+            if roles[key] == "local":
+                continue
+            if value.is_floating_point():
+                torch.testing.assert_close(
+                    own[key].double(), value, atol=1e-6, rtol=1e-6
+                )
+            else:
+                assert torch.equal(own[key], value), key
 
 
 # ------------------------------------------------------------------- growth
