@@ -19,8 +19,8 @@ steps: on CPU the cnn's weights drift apart by about 1e-3 after 20 steps and
 1e-2 after 120, while the mlp's stay within 1e-6.
 
 It needs torch and numpy and this repository, nothing else: no Ray, no Flower,
-no Hydra (``fedsim.train`` reads its recipe by attribute; without Hydra the
-script stands in for ``fedsim.config``, which it names only as a type).
+no Hydra (``fedsim.train`` reads its recipe by attribute and names
+``fedsim.config`` only as a type).
 
 Usage::
 
@@ -65,13 +65,6 @@ class Recipe:
 
 def _fedsim_training() -> types.SimpleNamespace:
     """fedsim's training step and cohort trainer, importable without Hydra."""
-    try:
-        import hydra  # noqa: F401
-        import omegaconf  # noqa: F401
-    except ImportError:
-        stand_in = types.ModuleType("fedsim.config")
-        stand_in.ClientConfig = Recipe  # type: ignore[attr-defined]
-        sys.modules["fedsim.config"] = stand_in
     from fedsim._cohort import CohortTrainer, memory_budget
     from fedsim._cohort_plan import ClientStore
     from fedsim.tasks.classification import Classification

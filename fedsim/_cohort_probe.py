@@ -1,11 +1,13 @@
 """Does a model train batched exactly as it trains alone? A two-client probe.
 
 The vectorised engine batches a model only when :func:`batching_problem`
-finds nothing wrong with it on a tiny cohort built from real rows: vmap must
-run its training step, padding and finished clients must leave no trace, no
-layer may mix the examples of a batch (beyond the BatchNorm layers the engine
-masks), and no module may keep Python-side state that training changes.
-Anything else falls back to per-client training.
+finds nothing wrong with it on a tiny cohort built from real rows, in float64
+(so that float32 rounding cannot hide a difference or fake one): the task's
+per-example losses and metrics must not depend on the rest of the batch, vmap
+must run the training step, padding and finished clients must leave no trace,
+no layer may mix the examples of a batch (beyond the BatchNorm layers the
+engine masks), and no module may keep Python-side state that training
+changes. Anything else falls back to per-client training.
 """
 
 from __future__ import annotations
@@ -23,6 +25,19 @@ from fedsim.train import local_train
 
 __all__ = ["batching_problem", "first_line"]
 
+BATCH = 4  # the probe's batch size
+RTOL, ATOL = 1e-7, 1e-9  # float64: far above rounding, far below any real change
+
+
+def _float64(t: torch.Tensor) -> torch.Tensor:
+    return t.double() if t.is_floating_point() else t
+
+
+def _rows(t: torch.Tensor, count: int) -> torch.Tensor:
+    """The first ``count`` rows of ``t``, cycling when it has fewer."""
+    reps = -(-count // max(1, int(t.shape[0])))
+    return _float64(t.repeat(reps, *([1] * (t.dim() - 1)))[:count])
+
 
 def batching_problem(
     model: nn.Module,
@@ -33,22 +48,34 @@ def batching_problem(
 ) -> str | None:
     """Why ``model`` cannot train batched exactly as it trains alone; None if it can.
 
-    Trains two clients on rows of ``(x, y)`` with batches of 4: one takes two
-    full steps, the other one padded step and then sits out a step. The
-    batched result must equal per-client :func:`~fedsim.train.local_train`
-    of each (float tolerance), vmap must not raise, and no module may change
-    a Python attribute while training (state that a batched step cannot
-    keep per client).
+    First the task: on 2 x 4 rows, the per-example losses and metrics of the
+    first 4 must not change when the other 4 join their batch (the batched
+    path pads batches and evaluates many clients' rows together). Then two
+    clients train with batches of 4: one takes two full steps, the other one
+    padded step and then sits out a step. The batched result must equal
+    per-client :func:`~fedsim.train.local_train` of each, vmap must not raise,
+    and no module may change a Python attribute while training (state that a
+    batched step cannot keep per client). Torch's global random state is left
+    as it was (models that draw from it would otherwise see other numbers in
+    their real training).
     """
-    batch = 4
-    probe_cfg = dataclasses.replace(cfg, batch_size=batch, epochs=1)
-    need = 3 * batch - 1
-    reps = -(-need // max(1, int(x.shape[0])))
-    xs = x.repeat(reps, *([1] * (x.dim() - 1)))[:need]
-    ys = y.repeat(reps, *([1] * (y.dim() - 1)))[:need]
+    with torch.random.fork_rng(devices=[]):
+        return _probe(model, task, cfg, x, y)
+
+
+def _probe(
+    model: nn.Module, task: Any, cfg: Any, x: torch.Tensor, y: torch.Tensor
+) -> str | None:
+    model = copy.deepcopy(model).double()
+    need = 3 * BATCH - 1
+    xs, ys = _rows(x, need), _rows(y, need)
+    problem = _task_problem(model, task, xs[: 2 * BATCH], ys[: 2 * BATCH])
+    if problem is not None:
+        return problem
+    probe_cfg = dataclasses.replace(cfg, batch_size=BATCH, epochs=1)
     data = {
-        0: (xs[: 2 * batch], ys[: 2 * batch]),
-        1: (xs[2 * batch :], ys[2 * batch :]),
+        0: (xs[: 2 * BATCH], ys[: 2 * BATCH]),
+        1: (xs[2 * BATCH :], ys[2 * BATCH :]),
     }
     seeds = {0: 1, 1: 2}
     expected = {}
@@ -82,7 +109,7 @@ def batching_problem(
         for key in trainer.keys:
             a, b = alone_state[key], got.state[key][cid]
             same = (
-                torch.allclose(a, b, rtol=1e-3, atol=1e-4)
+                torch.allclose(a, b, rtol=RTOL, atol=ATOL)
                 if a.is_floating_point()
                 else torch.equal(a, b)
             )
@@ -92,6 +119,37 @@ def batching_problem(
                     "alone (a layer mixes the examples of a batch, or a padded "
                     "step is not inert)"
                 )
+    return None
+
+
+@torch.no_grad()
+def _task_problem(
+    model: nn.Module, task: Any, x: torch.Tensor, y: torch.Tensor
+) -> str | None:
+    """Whether per-example losses and metrics depend on the rest of the batch."""
+    half = x.shape[0] // 2
+    try:
+        model.eval()
+        whole, part = model(x), model(x[:half])
+        pairs = [("loss", task.loss(whole, y)[:half], task.loss(part, y[:half]))]
+        full_metrics, part_metrics = (
+            task.metrics(whole, y),
+            task.metrics(part, y[:half]),
+        )
+        pairs += [
+            (f"metric {k!r}", v[:half], part_metrics[k])
+            for k, v in full_metrics.items()
+        ]
+    except Exception as err:
+        return f"it does not run on a probe batch ({first_line(err)})"
+    finally:
+        model.train()
+    for what, together, alone in pairs:
+        if not torch.allclose(together, alone, rtol=RTOL, atol=ATOL):
+            return (
+                "the task or the model mixes the examples of a batch (the "
+                f"per-example {what} changes with the rest of the batch)"
+            )
     return None
 
 

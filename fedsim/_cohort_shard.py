@@ -31,7 +31,10 @@ __all__ = [
     "auto_chunk",
     "client_store",
     "run_shard",
+    "split_evenly",
+    "steps_of",
     "template_model",
+    "train_shard",
     "trainer_for",
 ]
 

@@ -34,6 +34,7 @@ __all__ = [
     "PruningConfig",
     "ResourcesConfig",
     "SimulationConfig",
+    "VectorizedConfig",
     "compose",
     "config_dir",
     "experiment_from_dict",
@@ -134,6 +135,30 @@ class FaultsConfig:
 
 
 @dataclass(frozen=True)
+class VectorizedConfig:
+    """How ``simulation.engine=vectorized`` shards and chunks a cohort."""
+
+    shards: int = 0  # shards per round; 0 = one per GPU / Ray node, else 1
+    shard_cpus: int = 0  # torch threads per shard; 0 = a client's CPU share
+    max_chunk: int = 0  # most clients per batched call; 0 = fit device memory
+    memory_fraction: float = 0.5  # share of free device memory one chunk may use
+
+    def __post_init__(self) -> None:
+        for name in ("shards", "shard_cpus", "max_chunk"):
+            value = getattr(self, name)
+            if value < 0:
+                raise ConfigError(
+                    f"simulation.vectorized.{name}={value} is not allowed; it must "
+                    "be 0 (automatic) or positive"
+                )
+        if not 0 < self.memory_fraction <= 1:
+            raise ConfigError(
+                f"simulation.vectorized.memory_fraction={self.memory_fraction} is "
+                "not allowed; it must be in (0, 1]"
+            )
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
     """How clients are simulated (``configs/simulation/*.yaml``)."""
 
@@ -146,6 +171,7 @@ class SimulationConfig:
     ray_log_level: str = "ERROR"
     round_timeout: float | None = None  # seconds to wait for replies per round
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    vectorized: VectorizedConfig = field(default_factory=VectorizedConfig)
 
 
 @dataclass(frozen=True)

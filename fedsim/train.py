@@ -17,13 +17,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.func import functional_call, grad_and_value
 
-from fedsim.config import ClientConfig
 from fedsim.tasks import Task
+
+if TYPE_CHECKING:  # a type only: the GPU check script runs without Hydra
+    from fedsim.config import ClientConfig
 
 __all__ = [
     "Penalty",
@@ -103,8 +106,7 @@ def optimizer_update(
         if cfg.optimizer == "sgd":
             if cfg.momentum > 0:
                 old = state[f"momentum.{key}"]
-                first = (step == 1).to(g.dtype)
-                buf = first * g + (1 - first) * (cfg.momentum * old + g)
+                buf = torch.where(step == 1, g, cfg.momentum * old + g)
                 new_state[f"momentum.{key}"] = buf
                 g = g + cfg.momentum * buf if cfg.nesterov else buf
             new_params[key] = p - lr * g

@@ -15,8 +15,9 @@ The cohort is split into shards: one in this process (the default on CPU and
 on a single GPU), or one Ray actor per GPU or CPU group
 (:func:`fedsim.simulation.run_cohort_shards`) when there are several GPUs, a
 Ray cluster (``simulation.ray_address``) or ``shards > 1`` in
-:class:`CohortOptions`. Inside a shard, clients train in chunks sized to the
-device memory (on CPU also to its caches), with ``shard_cpus`` torch threads.
+``simulation.vectorized`` (:class:`fedsim.config.VectorizedConfig`). Inside a
+shard, clients train in chunks sized to the device memory (on CPU also to its
+caches), with ``shard_cpus`` torch threads.
 
 Whatever cannot be batched exactly trains one client at a time through the
 ClientApp, as under ``simulation.engine=inprocess``; each reason is logged
@@ -38,7 +39,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -63,10 +64,10 @@ from fedsim._cohort_shard import (
     steps_of,
     template_model,
 )
-from fedsim.config import ExperimentConfig
+from fedsim.config import ExperimentConfig, VectorizedConfig
 from fedsim.inprocess import InProcessGrid
 
-__all__ = ["DEFAULT_OPTIONS", "CohortOptions", "VectorizedGrid"]
+__all__ = ["VectorizedGrid"]
 
 log = logging.getLogger("fedsim")
 
@@ -74,44 +75,12 @@ TRAIN = "train"
 EVALUATE = "evaluate"
 
 
-@dataclass(frozen=True)
-class CohortOptions:
-    """How the vectorised engine shards and chunks a cohort.
+@dataclass
+class _Batch:
+    """Replies of the batched path (by message position) and their work's seconds."""
 
-    Attributes
-    ----------
-    shards : int
-        Shards per round; 0 = one per GPU (CUDA), or one per Ray node when
-        attached to a cluster, else 1 (in this process).
-    shard_cpus : int
-        CPU cores (torch threads) per shard; 0 = a client's share
-        (``client.num_threads``, else ``simulation.client_resources.num_cpus``)
-        for an in-process shard, the cluster's CPUs divided among the shards
-        on Ray. More threads than free cores slow torch down many times.
-    max_chunk : int
-        Most clients per batched call; 0 = sized to the device memory.
-    memory_fraction : float
-        Share of the device's free memory one chunk may use.
-    """
-
-    shards: int = 0
-    shard_cpus: int = 0
-    max_chunk: int = 0
-    memory_fraction: float = 0.5
-
-    def __post_init__(self) -> None:
-        for name in ("shards", "shard_cpus", "max_chunk"):
-            value = getattr(self, name)
-            if value < 0:
-                raise ValueError(f"{name}={value} must be 0 (automatic) or positive")
-        if not 0 < self.memory_fraction <= 1:
-            raise ValueError(
-                f"memory_fraction={self.memory_fraction} must be in (0, 1]"
-            )
-
-
-#: the options ``simulation.engine=vectorized`` runs with
-DEFAULT_OPTIONS = CohortOptions()
+    replies: dict[int, Message] = field(default_factory=dict)
+    seconds: float = 0.0
 
 
 @contextlib.contextmanager
@@ -133,8 +102,8 @@ class VectorizedGrid(InProcessGrid):
         The app for everything not batched (hello, fall-backs).
     exp : ExperimentConfig
         The experiment (one node per client, ``partition-id`` = index).
-    options : CohortOptions, optional
-        Sharding and chunking (default :data:`DEFAULT_OPTIONS`).
+    options : VectorizedConfig, optional
+        Sharding and chunking (default: ``exp.simulation.vectorized``).
     """
 
     def __init__(
@@ -142,11 +111,11 @@ class VectorizedGrid(InProcessGrid):
         client_app: ClientApp,
         exp: ExperimentConfig,
         *,
-        options: CohortOptions | None = None,
+        options: VectorizedConfig | None = None,
     ) -> None:
         super().__init__(client_app, exp.num_clients)
         self.exp = exp
-        self.options = options or DEFAULT_OPTIONS
+        self.options = options or exp.simulation.vectorized
         self.partition = {nid: i for i, nid in enumerate(self.node_ids)}
         self.fallbacks: list[str] = []
         self._problems: dict[str, str | None] = {}
@@ -178,20 +147,24 @@ class VectorizedGrid(InProcessGrid):
         return [r for r, took in answers if timeout is None or took <= timeout]
 
     def _answer(self, batch: list[Message]) -> list[tuple[Message, float]]:
-        """Every message's reply and how long it took, in message order."""
-        started = time.monotonic()
-        replies: dict[int, Message] = {}
+        """Every message's reply and how long it took, in message order.
+
+        A batched reply took as long as its batch's training (or evaluation);
+        the engine's one-time set-up (the batching probe, stacking the data)
+        does not count against a round timeout.
+        """
+        answered: dict[int, tuple[Message, float]] = {}
         for kind, handler in ((TRAIN, self._train), (EVALUATE, self._evaluate)):
             picked = [i for i, m in enumerate(batch) if _type(m) == kind]
             if picked:
-                replies.update(handler([batch[i] for i in picked], picked))
-        batched = time.monotonic() - started
+                done = handler([batch[i] for i in picked], picked)
+                answered.update({i: (r, done.seconds) for i, r in done.replies.items()})
         out = []
         for i, message in enumerate(batch):
-            reply = replies.get(i)
-            if reply is not None:
+            if i in answered:
+                reply, took = answered[i]
                 reply.metadata.__dict__["_src_node_id"] = message.metadata.dst_node_id
-                out.append((reply, batched))
+                out.append((reply, took))
                 continue
             alone = time.monotonic()
             reply = self._call(message)
@@ -207,14 +180,14 @@ class VectorizedGrid(InProcessGrid):
             self._on_ray = False
 
     # -- fall-back bookkeeping ---------------------------------------------
-    def _fall_back(self, reason: str) -> dict[int, Message]:
+    def _fall_back(self, reason: str) -> _Batch:
         if reason not in self.fallbacks:
             self.fallbacks.append(reason)
             log.warning(
                 "vectorized engine: %s; those clients train one at a time instead",
                 reason,
             )
-        return {}
+        return _Batch()
 
     def _experiment_problem(self) -> str | None:
         pruning = getattr(self.exp.client, "pruning", None)  # client.pruning (AOFP)
@@ -259,7 +232,7 @@ class VectorizedGrid(InProcessGrid):
         raise ValueError("no client has training examples")
 
     # -- training -------------------------------------------------------------
-    def _train(self, messages: list[Message], where: list[int]) -> dict[int, Message]:
+    def _train(self, messages: list[Message], where: list[int]) -> _Batch:
         problem = self._experiment_problem()
         if problem is not None:
             return self._fall_back(problem)
@@ -274,7 +247,7 @@ class VectorizedGrid(InProcessGrid):
             if node.node_data(self.exp, pid).x_train.shape[0] > 0:
                 keep.append(i)
         if not keep:
-            return {}
+            return _Batch()
         messages = [messages[i] for i in keep]
         where = [where[i] for i in keep]
         pids = [self.partition[m.metadata.dst_node_id] for m in messages]
@@ -299,7 +272,7 @@ class VectorizedGrid(InProcessGrid):
         )
         mus = tuple(float(cfg.get("proximal-mu", c.proximal_mu)) for cfg in configs)
         try:
-            results = self._run(pids, rounds, states, state_of, lrs, mus)
+            results, seconds = self._run(pids, rounds, states, state_of, lrs, mus)
         except Exception as err:  # anything batched training could not do
             return self._fall_back(f"batched training failed ({first_line(err)})")
         replies: dict[int, Message] = {}
@@ -307,7 +280,7 @@ class VectorizedGrid(InProcessGrid):
             messages, where, results, strict=True
         ):
             replies[position] = train_reply(message, result, row)
-        return replies
+        return _Batch(replies, seconds)
 
     def _shard_count(self, size: int) -> int:
         opts = self.options
@@ -330,8 +303,9 @@ class VectorizedGrid(InProcessGrid):
         state_of: list[int],
         lrs: tuple[float, ...],
         mus: tuple[float, ...],
-    ) -> list[tuple[ShardResult, int]]:
-        """Train the cohort in shards; per client, (its shard's result, its row)."""
+    ) -> tuple[list[tuple[ShardResult, int]], float]:
+        """Train the cohort in shards: per client (its shard's result, its row),
+        and the seconds the training took."""
         counts = [int(node.node_data(self.exp, p).x_train.shape[0]) for p in pids]
         c = self.exp.client
         steps = [steps_of(n, c.batch_size, c.epochs) for n in counts]
@@ -352,28 +326,30 @@ class VectorizedGrid(InProcessGrid):
                 )
             )
         if len(jobs) == 1 and not self.exp.simulation.ray_address:
+            client_store(self.exp, node.resolve_device(self.exp))  # once per run
             threads = self.options.shard_cpus or node.client_threads(self.exp)
+            started = time.monotonic()
             with _torch_threads(threads):
                 results = [run_shard(self.exp, jobs[0])]
         else:
             from fedsim.simulation import run_cohort_shards
 
             self._on_ray = True
+            started = time.monotonic()
             results = run_cohort_shards(
                 self.exp, jobs, shard_cpus=self.options.shard_cpus
             )
+        seconds = time.monotonic() - started
         placed: dict[int, tuple[ShardResult, int]] = {}
         for group, result in zip(groups, results, strict=True):
             for row, i in enumerate(group):
                 placed[i] = (result, row)
-        return [placed[i] for i in range(len(pids))]
+        return [placed[i] for i in range(len(pids))], seconds
 
     # -- evaluation -----------------------------------------------------------
-    def _evaluate(
-        self, messages: list[Message], where: list[int]
-    ) -> dict[int, Message]:
+    def _evaluate(self, messages: list[Message], where: list[int]) -> _Batch:
         if any(not isinstance(m.content.get("arrays"), ArrayRecord) for m in messages):
-            return {}
+            return _Batch()
         pids = [self.partition[m.metadata.dst_node_id] for m in messages]
         states, state_of = incoming_states(messages)
         for state in states:
@@ -382,6 +358,7 @@ class VectorizedGrid(InProcessGrid):
                 return self._fall_back(problem)
         store = client_store(self.exp, torch.device("cpu"), split="test")
         task = tasks.build(self.exp.task.name, **self.exp.task.options)
+        started = time.monotonic()
         replies: dict[int, Message] = {}
         for s, state in enumerate(states):
             members = [i for i in range(len(messages)) if state_of[i] == s]
@@ -397,7 +374,7 @@ class VectorizedGrid(InProcessGrid):
             )
             for i, metrics in zip(members, sums, strict=True):
                 replies[where[i]] = metrics_reply(messages[i], metrics)
-        return replies
+        return _Batch(replies, time.monotonic() - started)
 
 
 def _type(message: Message) -> str:

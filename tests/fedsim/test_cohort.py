@@ -278,6 +278,32 @@ def test_probe_names_what_cannot_be_batched(module: type, says: str) -> None:
     assert problem is not None and says in problem
 
 
+class _ShareWeightedLoss:
+    """Cross-entropy times the batch's share of class 0: mixes a batch's examples."""
+
+    primary = "loss"
+    higher_is_better = False
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        share = (target == 0).to(output.dtype).mean()
+        return share * nn.functional.cross_entropy(output, target, reduction="none")
+
+    def metrics(
+        self, output: torch.Tensor, target: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        return {"loss": self.loss(output, target)}
+
+
+def test_probe_rejects_a_task_that_mixes_the_batch() -> None:
+    torch.manual_seed(0)
+    model = models.build("mlp", input_shape=(1, 8, 8), num_classes=10, hidden=[8])
+    x = torch.randn(16, 1, 8, 8)
+    y = torch.tensor([0, 1, 2, 3, 0, 0, 0, 0] * 2)  # class-0 share 1/4 vs 5/8
+    problem = batching_problem(model, _ShareWeightedLoss(), CONFIGS["sgd"], x, y)
+    assert problem is not None and "per-example loss changes" in problem
+    assert batching_problem(model, TASK, CONFIGS["sgd"], x, y) is None
+
+
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_probe_accepts_mlp_and_cnn(arch: str) -> None:
     torch.manual_seed(0)

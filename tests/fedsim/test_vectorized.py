@@ -17,10 +17,11 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from clients.client_app import build_client_app
 from fedsim import node
 from fedsim._cohort_shard import ShardJob, run_shard, split_evenly
-from fedsim.config import ExperimentConfig, compose, from_dictconfig
+from fedsim.config import ExperimentConfig, VectorizedConfig, compose, from_dictconfig
+from fedsim.exceptions import ConfigError
 from fedsim.params import state_to_record
 from fedsim.run import run
-from fedsim.vectorized import CohortOptions, VectorizedGrid
+from fedsim.vectorized import VectorizedGrid
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = {
@@ -158,6 +159,17 @@ def test_faulty_clients_go_alone_and_the_rest_batch(
     _assert_same_records(a, b)
 
 
+def test_round_timeout_drops_stragglers_not_the_batch(tmp_path: Path) -> None:
+    # the first round pays the engine's one-time set-up (probe, data stacking),
+    # which must not make the batched clients miss the deadline
+    setup = ["model=mlp", "model.hidden=[16]", "simulation.faults.straggle=0.2"]
+    setup += ["simulation.faults.straggle_seconds=1.3", "simulation.round_timeout=1"]
+    a = _run(tmp_path, "inprocess", "simulation.engine=inprocess", *setup)
+    b = _run(tmp_path, "vectorized", "simulation.engine=vectorized", *setup)
+    assert [r["num_timeouts"] for r in b["rounds"][1:]] == [1, 1]
+    _assert_same_records(a, b)
+
+
 def _train_message(grid: VectorizedGrid, node_id: int, state: dict) -> Message:
     content = RecordDict(
         {"arrays": state_to_record(state), "config": ConfigRecord({"server-round": 1})}
@@ -217,24 +229,26 @@ def test_auto_chunk_fits_memory_and_cpu_caches(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_options_are_checked() -> None:
-    with pytest.raises(ValueError, match="shards=-1"):
-        CohortOptions(shards=-1)
-    with pytest.raises(ValueError, match="memory_fraction=0"):
-        CohortOptions(memory_fraction=0)
+    with pytest.raises(ConfigError, match=r"simulation\.vectorized\.shards=-1"):
+        from_dictconfig(compose(["simulation.vectorized.shards=-1"]))
+    with pytest.raises(ConfigError, match="memory_fraction=0"):
+        VectorizedConfig(memory_fraction=0)
 
 
 @pytest.mark.ray
 def test_two_ray_shards_give_the_in_process_result(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import fedsim.vectorized as vectorized
-
     setup = ["model=mlp", "model.hidden=[16]", "partition=iid"]
     a = _run(tmp_path, "one", "simulation.engine=vectorized", *setup)
-    monkeypatch.setattr(
-        vectorized, "DEFAULT_OPTIONS", CohortOptions(shards=2, shard_cpus=1)
+    b = _run(
+        tmp_path,
+        "two",
+        "simulation.engine=vectorized",
+        "simulation.vectorized.shards=2",
+        "simulation.vectorized.shard_cpus=1",
+        *setup,
     )
-    b = _run(tmp_path, "two", "simulation.engine=vectorized", *setup)
     _assert_same_records(a, b)
 
 
