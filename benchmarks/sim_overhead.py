@@ -121,7 +121,7 @@ def ideal_round_seconds(exp, rounds: int, parallel: int) -> float:
 
 def run_case(clients: int, rounds: int, fraction: float, cpus: int) -> dict:
     from fedsim.config import compose, from_dictconfig
-    from fedsim.run import run
+    from fedsim.runner import run
 
     out = ROOT / "outputs" / "bench" / f"sim_overhead_{clients}_{int(time.time())}"
     overrides = [

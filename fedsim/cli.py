@@ -92,7 +92,7 @@ def _cmd_run(args: Sequence[str]) -> int:
 
         print(OmegaConf.to_yaml(cfg))
         return 0
-    from fedsim.run import run
+    from fedsim.runner import run
 
     results = run(from_dictconfig(cfg))
     _print_summary(results)
@@ -102,7 +102,7 @@ def _cmd_run(args: Sequence[str]) -> int:
 def _resume(folder: str, overrides: Sequence[str]) -> int:
     """``fedsim run resume=<run> [num_rounds=N]``: continue a stopped run."""
     from fedsim.exceptions import ConfigError
-    from fedsim.run import resume
+    from fedsim.runner import resume
 
     num_rounds = None
     for item in overrides:
@@ -125,7 +125,7 @@ def _hydra_multirun(overrides: Sequence[str]) -> int:
     from omegaconf import DictConfig
 
     from fedsim.config import config_dir, from_dictconfig
-    from fedsim.run import run
+    from fedsim.runner import run
 
     failures: list[str] = []
 
@@ -212,7 +212,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int] | str] = {
     "run": _cmd_run,
     "plot": _cmd_plot,
     # commands living in their own modules, each exposing `cli(args) -> int`
-    "compare": "fedsim.compare",
+    "compare": "fedsim.compare_runner",
     "sample": "fedsim.sample",
     "certs": "fedsim.certs",
     "nas": "fedsim.nas_search",

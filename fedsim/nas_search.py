@@ -246,7 +246,7 @@ def search(
         Hydra overrides as for ``fedsim run``; ``nas.cells`` and ``nas.seed``
         set the search (defaults from ``experiment=nas_random_search``).
     progress : callable, optional
-        Each cell's per-round progress (as :func:`fedsim.run.run`).
+        Each cell's per-round progress (as :func:`fedsim.runner.run`).
     on_cell : callable, optional
         ``on_cell(cell, trained)`` after each cell; ``trained`` is False for a
         finished cell read back from its folder.
@@ -257,7 +257,7 @@ def search(
         For a bad override, a model other than ``nasbench``, or a folder that
         holds another search.
     """
-    from fedsim.run import run
+    from fedsim.runner import run
 
     args, cells, seed, folder = _settings(overrides)
     results: list[CellResult] = []

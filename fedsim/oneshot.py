@@ -286,7 +286,7 @@ def cli(args: Sequence[str]) -> int:
         else:
             overrides.append(arg)
     if folder is None:
-        from fedsim.run import run
+        from fedsim.runner import run
 
         folder = run(overrides).output_dir
     elif overrides:

@@ -84,7 +84,7 @@ def build_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        from fedsim.run import open_results, print_progress
+        from fedsim.runner import open_results, print_progress
         from fedsim.simulation import quiet
 
         e = exp if exp is not None else experiment_from_run_config(context.run_config)

@@ -190,8 +190,8 @@ class VectorizedGrid(InProcessGrid):
         return _Batch()
 
     def _experiment_problem(self) -> str | None:
-        pruning = getattr(self.exp.client, "pruning", None)  # client.pruning (AOFP)
-        if pruning is not None and pruning.name != "none" and pruning.side == "client":
+        pruning = self.exp.client.pruning  # AOFP
+        if pruning.name != "none" and pruning.side == "client":
             return (
                 f"client.pruning.name={pruning.name!r} prunes each client's model "
                 "physically (its width changes while it trains)"

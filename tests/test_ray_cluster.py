@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fedsim.run import run
+from fedsim.runner import run
 
 pytestmark = pytest.mark.ray
 

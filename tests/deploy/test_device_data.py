@@ -19,7 +19,7 @@ from fedsim.device_data import data_identity, device_dataset, device_node_data
 from fedsim.exceptions import ConfigError, DataError
 from fedsim.inprocess import InProcessGrid
 from fedsim.results import Results
-from fedsim.run import open_results
+from fedsim.runner import open_results
 from fedsim.server import ServerLoop
 from fedsim.server_app import prepare
 from tests.deploy.datafiles import (

@@ -17,7 +17,7 @@ from fedsim.inprocess import InProcessGrid
 from fedsim.models.nasbench import sample_specs
 from fedsim.params import record_to_state
 from fedsim.results import Results
-from fedsim.run import open_results
+from fedsim.runner import open_results
 from fedsim.server import ServerLoop
 from fedsim.server_app import prepare
 

@@ -17,7 +17,7 @@ from fedsim.exceptions import ConfigError
 from fedsim.node import load_dataset
 from fedsim.oneshot import TABLE_CSV, TABLE_MD, Row, main, oneshot_table, write_table
 from fedsim.results import load_results
-from fedsim.run import run
+from fedsim.runner import run
 
 TINY = [
     "dataset=digits",

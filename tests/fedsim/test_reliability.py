@@ -20,7 +20,7 @@ from flwr.clientapp import ClientApp
 from fedsim.checkpoint import load_checkpoint
 from fedsim.config import compose, from_dictconfig
 from fedsim.inprocess import InProcessGrid
-from fedsim.run import open_results, resume, run
+from fedsim.runner import open_results, resume, run
 from fedsim.server import ServerLoop
 from fedsim.server_app import prepare
 

@@ -12,7 +12,7 @@ from PIL import Image
 from fedsim import data, models
 from fedsim.checkpoint import load_checkpoint
 from fedsim.cli import main
-from fedsim.run import run
+from fedsim.runner import run
 from fedsim.sample import BORDER, draw, run_levels, tile, to_pixels
 
 FAST = [

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedsim.run import run
+from fedsim.runner import run
 
 FAST = [
     "dataset=digits",

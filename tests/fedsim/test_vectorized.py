@@ -20,7 +20,7 @@ from fedsim._cohort_shard import ShardJob, run_shard, split_evenly
 from fedsim.config import ExperimentConfig, VectorizedConfig, compose, from_dictconfig
 from fedsim.exceptions import ConfigError
 from fedsim.params import state_to_record
-from fedsim.run import run
+from fedsim.runner import run
 from fedsim.vectorized import VectorizedGrid
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -20,7 +20,7 @@ from fedsim.inprocess import InProcessGrid
 from fedsim.matching.fedma import ASSIGN_RECORD
 from fedsim.models import tensor_roles
 from fedsim.params import record_to_state, split_roles, state_to_record
-from fedsim.run import run
+from fedsim.runner import run
 from fedsim.server_app import prepare
 from fedsim.train import evaluate
 from strategies.fedma import FedMA

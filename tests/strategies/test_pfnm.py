@@ -21,7 +21,7 @@ from fedsim.exceptions import ConfigError
 from fedsim.inprocess import InProcessGrid
 from fedsim.matching import permute_state_dict, pfnm_mlp
 from fedsim.params import record_to_state, state_to_record
-from fedsim.run import run
+from fedsim.runner import run
 from fedsim.strategy import STRATEGIES, StrategyContext
 from strategies import _pfnm_parts
 from strategies.pfnm import PFNMStrategy, match_seed
@@ -502,7 +502,7 @@ def test_resume_after_round_two_gives_the_uninterrupted_run(tmp_path: Path) -> N
         [*common, "num_rounds=2", f"output_dir={tmp_path / 'cut'}"],
         progress=lambda r: None,
     )
-    from fedsim.run import resume
+    from fedsim.runner import resume
 
     resumed = resume(tmp_path / "cut", num_rounds=3, progress=lambda r: None)
     assert resumed.final["test_accuracy"] == full.final["test_accuracy"]

@@ -24,7 +24,7 @@ from fedsim.plasticity import (
     FISHER_SAMPLES,
     WPL_ALPHA,
 )
-from fedsim.run import run
+from fedsim.runner import run
 from fedsim.strategy import STRATEGIES, StrategyContext
 
 W0 = {"a": torch.tensor([1.0, -2.0]), "b": torch.tensor([0.5])}

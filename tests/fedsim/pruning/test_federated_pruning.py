@@ -25,7 +25,7 @@ from fedsim.params import record_to_state, state_to_record
 from fedsim.pruning.aofp import AOFP_RECORD, NEVER_SAMPLED
 from fedsim.pruning.federated import ServerAOFP, federated_pruning, pooled_damage
 from fedsim.pruning.flops import count_flops
-from fedsim.run import open_results, run
+from fedsim.runner import open_results, run
 from fedsim.server import ServerLoop
 from fedsim.strategy import STRATEGIES, StrategyContext
 

@@ -10,7 +10,7 @@ import torch
 
 from fedsim import models, tasks
 from fedsim.exceptions import ConfigError
-from fedsim.run import run
+from fedsim.runner import run
 from fedsim.tasks.classification import Classification, lipschitz_bound
 
 LOGITS = torch.tensor(

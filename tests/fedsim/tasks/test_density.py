@@ -15,7 +15,7 @@ from fedsim.config import compose, from_dictconfig
 from fedsim.data import digits as digits_module
 from fedsim.data._dequantize import dequantize_pixels
 from fedsim.exceptions import ConfigError, DataError
-from fedsim.run import run
+from fedsim.runner import run
 from fedsim.tasks.density import Density
 from fedsim.train import evaluate
 

@@ -12,7 +12,7 @@ from scipy.optimize import linear_sum_assignment
 from torch.func import grad, vmap
 
 from fedsim import data, tasks
-from fedsim.run import run
+from fedsim.runner import run
 from fedsim.tasks.wasserstein import Wasserstein, potential_weights
 
 

@@ -1,4 +1,4 @@
-"""``fedsim.run``: one experiment end to end (composition root).
+"""One experiment end to end (composition root); ``fedsim.run`` calls :func:`run`.
 
 Everything that can fail on bad input (unknown names, an impossible partition,
 a model that does not fit the data) fails in :func:`~fedsim.server_app.prepare`,

@@ -35,7 +35,6 @@ import shutil
 import sys
 import time
 import traceback
-import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -101,7 +100,7 @@ def _job(cfg: DictConfig) -> None:
     """Hydra's task function: one run into the job's folder (skipped if done)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from fedsim.run import run
+    from fedsim.runner import run
 
     folder = Path(HydraConfig.get().runtime.output_dir)
     results = folder / RESULTS_FILE
@@ -329,13 +328,3 @@ def cli(args: Sequence[str]) -> int:
         )
         return 1
     return 0
-
-
-class _CallableModule(types.ModuleType):
-    """``fedsim.compare`` is this module; calling it runs :func:`compare`."""
-
-    def __call__(self, config: Sequence[str] = ()) -> ComparisonTable:
-        return compare(config)
-
-
-sys.modules[__name__].__class__ = _CallableModule
