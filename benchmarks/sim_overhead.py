@@ -6,7 +6,10 @@ For each client count N the benchmark runs the same R rounds twice:
   process (``fedsim.node.train_client``, exactly what a ClientApp does), divided
   by the number of clients that can train in parallel
   (``min(cohort, CPUs // client CPUs)``) and by R;
-* **fedsim**: a real Flower + Ray simulation (``simulation.engine=flower``).
+* **fedsim**: a real Ray simulation, on each engine asked for
+  (``--engines flower sharded``): ``flower`` is Flower's own runtime, one Ray call
+  per client message; ``sharded`` calls each Ray worker once per round with all
+  of its clients' messages.
 
 It prints the ideal per-round time, fedsim's median training-phase time per
 round after the first (start-up excluded), the start-up time (from the call
@@ -93,8 +96,6 @@ def ideal_round_seconds(exp, rounds: int, parallel: int) -> float:
     """Sequential client updates in this process, divided by the parallelism."""
     import random
 
-    import torch
-
     from fedsim import node
     from fedsim.strategy import StrategyContext
     from fedsim.train import derive_seed
@@ -115,26 +116,26 @@ def ideal_round_seconds(exp, rounds: int, parallel: int) -> float:
             start = time.perf_counter()
             node.train_client(exp, data, state, server_round=rnd, config={})
             total += time.perf_counter() - start
-    del torch
     return total / rounds / max(1, min(cohort, parallel))
 
 
-def run_case(clients: int, rounds: int, fraction: float, cpus: int) -> dict:
+def run_case(
+    clients: int, rounds: int, fraction: float, cpus: int, engine: str, ideal: float
+) -> dict:
     from fedsim.config import compose, from_dictconfig
     from fedsim.runner import run
 
-    out = ROOT / "outputs" / "bench" / f"sim_overhead_{clients}_{int(time.time())}"
-    overrides = [
-        f"num_clients={clients}",
-        f"num_rounds={rounds}",
-        f"fraction_train={fraction}",
-        "partition=iid",
-        f"output_dir={out}",
-    ]
-    exp = from_dictconfig(compose(overrides))
-    per_client = exp.simulation.client_resources.num_cpus
-    parallel = max(1, int(cpus // per_client))
-    ideal = ideal_round_seconds(exp, rounds, parallel)
+    stamp = f"{clients}_{engine}_{time.time_ns()}"
+    out = ROOT / "outputs" / "bench" / f"sim_overhead_{stamp}"
+    exp = from_dictconfig(
+        compose(
+            [
+                *experiment_overrides(clients, rounds, fraction),
+                f"simulation.engine={engine}",
+                f"output_dir={out}",
+            ]
+        )
+    )
 
     marks: dict[int, float] = {}
     started = time.perf_counter()
@@ -149,6 +150,7 @@ def run_case(clients: int, rounds: int, fraction: float, cpus: int) -> dict:
     round_s = statistics.median(steady)
     first_round_start = marks[0]
     return {
+        "engine": engine,
         "clients": clients,
         "cohort": len(results.rounds[1]["clients"]),
         "rounds": rounds,
@@ -160,26 +162,48 @@ def run_case(clients: int, rounds: int, fraction: float, cpus: int) -> dict:
     }
 
 
+def experiment_overrides(clients: int, rounds: int, fraction: float) -> list[str]:
+    return [
+        f"num_clients={clients}",
+        f"num_rounds={rounds}",
+        f"fraction_train={fraction}",
+        "partition=iid",
+    ]
+
+
+def ideal_for(clients: int, rounds: int, fraction: float, cpus: int) -> float:
+    from fedsim.config import compose, from_dictconfig
+
+    exp = from_dictconfig(compose(experiment_overrides(clients, rounds, fraction)))
+    parallel = max(1, int(cpus // exp.simulation.client_resources.num_cpus))
+    return ideal_round_seconds(exp, rounds, parallel)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 100])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--fraction", type=float, default=1.0)
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--engines", nargs="+", default=["flower", "sharded"])
     args = parser.parse_args()
     rows = []
     for n in args.clients:
-        rows.append(run_case(n, args.rounds, args.fraction, args.cpus))
+        ideal = ideal_for(n, args.rounds, args.fraction, args.cpus)
+        for engine in args.engines:
+            rows.append(
+                run_case(n, args.rounds, args.fraction, args.cpus, engine, ideal)
+            )
     print()
     print(
-        f"{'clients':>8} {'cohort':>7} {'ideal s/round':>14} {'fedsim s/round':>15} "
-        f"{'start-up s':>11} {'ratio':>6} {'peak GiB':>9}"
+        f"{'engine':>8} {'clients':>8} {'cohort':>7} {'ideal s/round':>14} "
+        f"{'fedsim s/round':>15} {'start-up s':>11} {'ratio':>6} {'peak GiB':>9}"
     )
     for r in rows:
         print(
-            f"{r['clients']:>8} {r['cohort']:>7} {r['ideal_round_s']:>14.3f} "
-            f"{r['round_s']:>15.3f} {r['startup_s']:>11.1f} {r['ratio']:>6.2f} "
-            f"{r['peak_rss_gib']:>9.2f}"
+            f"{r['engine']:>8} {r['clients']:>8} {r['cohort']:>7} "
+            f"{r['ideal_round_s']:>14.3f} {r['round_s']:>15.3f} "
+            f"{r['startup_s']:>11.1f} {r['ratio']:>6.2f} {r['peak_rss_gib']:>9.2f}"
         )
     for r in rows:
         print(json.dumps(r))

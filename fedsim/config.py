@@ -44,9 +44,10 @@ __all__ = [
     "overrides_from_run_config",
 ]
 
-# Simulation engines: Flower's Ray runtime, all clients in the server process
-# (no Ray; debugging, tests), and batched cohorts.
-ENGINES = ("flower", "inprocess", "vectorized")
+# Simulation engines: Flower's Ray runtime (one Ray call per client message),
+# Ray workers called once per round each (fedsim.sharded), all clients in the
+# server process (no Ray; debugging, tests), and batched cohorts.
+ENGINES = ("flower", "sharded", "inprocess", "vectorized")
 
 # Config groups, in the order `fedsim run --help` lists them.
 GROUPS = (
@@ -163,7 +164,7 @@ class SimulationConfig:
     """How clients are simulated (``configs/simulation/*.yaml``)."""
 
     name: str = "local"
-    engine: str = "flower"  # "flower" (Ray actors), "inprocess" (no Ray)
+    engine: str = "flower"  # flower | sharded | inprocess | vectorized
     client_resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     ray_address: str | None = None  # "auto" or host:port attaches to a cluster
     ray_num_cpus: int | None = None  # CPUs of a locally started Ray; None = all

@@ -181,16 +181,8 @@ def _execute(
     from fedsim.simulation import run_simulation
 
     try:
-        if exp.simulation.engine in ("inprocess", "vectorized"):
-            from fedsim.inprocess import InProcessGrid
-            from fedsim.vectorized import VectorizedGrid
-
-            app = build_client_app(exp)
-            grid = (
-                VectorizedGrid(app, exp)
-                if exp.simulation.engine == "vectorized"
-                else InProcessGrid(app, exp.num_clients)
-            )
+        if exp.simulation.engine != "flower":
+            grid = _engine_grid(exp, build_client_app(exp))
             loop = ServerLoop(
                 exp,
                 prepared.strategy,
@@ -203,8 +195,9 @@ def _execute(
             try:
                 loop.run(grid)
             finally:
-                if isinstance(grid, VectorizedGrid):
-                    grid.close()
+                close = getattr(grid, "close", None)
+                if close is not None:
+                    close()
         else:
             server_app = build_server_app(
                 exp,
@@ -222,3 +215,18 @@ def _execute(
         results.finish("failed")
         raise RuntimeError("the simulation ended before the server loop finished")
     return results
+
+
+def _engine_grid(exp: ExperimentConfig, app: Any) -> Any:
+    """The Grid of an engine other than Flower's own runtime."""
+    if exp.simulation.engine == "vectorized":
+        from fedsim.vectorized import VectorizedGrid
+
+        return VectorizedGrid(app, exp)
+    if exp.simulation.engine == "sharded":
+        from fedsim.sharded import ShardedGrid
+
+        return ShardedGrid(app, exp)
+    from fedsim.inprocess import InProcessGrid
+
+    return InProcessGrid(app, exp.num_clients)

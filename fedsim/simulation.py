@@ -169,3 +169,73 @@ def close_cohort_shards() -> None:
         if _SHARDS["started_ray"]:
             ray.shutdown()
     _SHARDS["started_ray"] = False
+
+
+# -- the sharded engine's client workers on Ray ------------------------------
+# (fedsim.sharded calls these: one Ray call per worker and round)
+
+
+class _ClientWorker:
+    """A Ray actor running the ClientApp for the nodes of one shard, in turn."""
+
+    def __init__(self, client_app: Any, num_nodes: int, threads: int) -> None:
+        import torch
+
+        from fedsim.inprocess import InProcessGrid
+
+        torch.set_num_threads(max(1, threads))
+        self.grid = InProcessGrid(client_app, num_nodes)
+
+    def run(self, messages: list[Any], timeout: float | None) -> list[Any]:
+        return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+class ClientWorkers:
+    """Handles on the sharded engine's Ray workers."""
+
+    def __init__(self, ray: Any, actors: list[Any], started_ray: bool) -> None:
+        self.ray = ray
+        self.actors = actors
+        self.started_ray = started_ray
+
+    @property
+    def count(self) -> int:
+        return len(self.actors)
+
+    def run(self, groups: dict[int, list[Any]], timeout: float | None) -> list[Any]:
+        """Run each worker's messages (one call per worker); all replies."""
+        refs = [self.actors[i].run.remote(msgs, timeout) for i, msgs in groups.items()]
+        replies: list[Any] = []
+        for part in self.ray.get(refs):
+            replies.extend(part)
+        return replies
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor)
+        self.actors = []
+        if self.started_ray and self.ray.is_initialized():
+            self.ray.shutdown()
+
+
+def start_client_workers(exp: ExperimentConfig, client_app: Any) -> ClientWorkers:
+    """Start as many client workers as clients fit the Ray cluster at once."""
+    started = False
+    quiet(exp.simulation.ray_log_level)
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(**backend_config(exp)["init_args"])
+        started = not exp.simulation.ray_address
+    res = exp.simulation.client_resources
+    total = ray.cluster_resources()
+    fits = int(total.get("CPU", 1) // res.num_cpus)
+    if res.num_gpus > 0:
+        fits = min(fits, int(total.get("GPU", 0) // res.num_gpus))
+    count = max(1, min(fits, exp.num_clients))
+    worker = ray.remote(num_cpus=res.num_cpus, num_gpus=res.num_gpus)(_ClientWorker)
+    from fedsim.node import client_threads
+
+    threads = client_threads(exp)
+    actors = [worker.remote(client_app, exp.num_clients, threads) for _ in range(count)]
+    return ClientWorkers(ray, actors, started)

@@ -97,19 +97,25 @@ def optimizer_update(
     ``torch.optim.SGD`` does.
     """
     step = state["step"] + 1
+    first = step == 1
     new_params: Tensors = {}
     new_state: Tensors = {"step": step}
     for key, p in params.items():
         g = grads[key]
         if cfg.weight_decay:
-            g = g + cfg.weight_decay * p
+            g = torch.add(g, p, alpha=cfg.weight_decay)
         if cfg.optimizer == "sgd":
             if cfg.momentum > 0:
                 old = state[f"momentum.{key}"]
-                buf = torch.where(step == 1, g, cfg.momentum * old + g)
+                buf = torch.where(first, g, torch.add(g, old, alpha=cfg.momentum))
                 new_state[f"momentum.{key}"] = buf
-                g = g + cfg.momentum * buf if cfg.nesterov else buf
-            new_params[key] = p - lr * g
+                g = torch.add(g, buf, alpha=cfg.momentum) if cfg.nesterov else buf
+            # one kernel when the rate is a number (per client); vmapped cohorts
+            # pass a tensor of rates
+            if isinstance(lr, torch.Tensor):
+                new_params[key] = p - lr * g
+            else:
+                new_params[key] = torch.add(p, g, alpha=-lr)
             continue
         beta1, beta2 = cfg.betas
         m = beta1 * state[f"exp_avg.{key}"] + (1 - beta1) * g
