@@ -21,6 +21,7 @@ Usage::
 
     python benchmarks/sim_overhead.py --clients 10 100 --rounds 5
     python benchmarks/sim_overhead.py --clients 1000 --fraction 0.1
+    python benchmarks/sim_overhead.py --gpu 0.25     # GPU check: 4 clients per GPU
 """
 
 from __future__ import annotations
@@ -162,12 +163,17 @@ def run_case(
     }
 
 
+#: extra overrides for every run (``--gpu`` adds the CUDA ones)
+EXTRA: list[str] = []
+
+
 def experiment_overrides(clients: int, rounds: int, fraction: float) -> list[str]:
     return [
         f"num_clients={clients}",
         f"num_rounds={rounds}",
         f"fraction_train={fraction}",
         "partition=iid",
+        *EXTRA,
     ]
 
 
@@ -186,7 +192,19 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=1.0)
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--engines", nargs="+", default=["flower", "sharded"])
+    parser.add_argument(
+        "--gpu",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="train on CUDA with this GPU share per client (0.25: four clients "
+        "share one GPU); the ideal runs on CUDA too",
+    )
     args = parser.parse_args()
+    if args.gpu:
+        EXTRA.extend(
+            ["client.device=cuda", f"simulation.client_resources.num_gpus={args.gpu}"]
+        )
     rows = []
     for n in args.clients:
         ideal = ideal_for(n, args.rounds, args.fraction, args.cpus)

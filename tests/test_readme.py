@@ -35,3 +35,10 @@ def test_flower_run_config_is_the_default_experiment() -> None:
     run_config = pyproject["tool"]["flwr"]["app"]["config"]
     assert all(isinstance(v, bool | int | float | str) for v in run_config.values())
     assert experiment_from_run_config(run_config) == from_dictconfig(compose([]))
+
+
+def test_contents_lists_every_section() -> None:
+    text = (ROOT / "README.md").read_text()
+    heads = [h for h in re.findall(r"^## (.+)$", text, flags=re.M) if h != "Contents"]
+    listed = re.findall(r"^- \[(.+?)\]\(#", text.split("## Contents")[1], flags=re.M)
+    assert listed[: len(heads)] == heads
