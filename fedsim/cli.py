@@ -120,11 +120,11 @@ def _resume(folder: str, overrides: Sequence[str]) -> int:
 
 def _hydra_multirun(overrides: Sequence[str]) -> int:
     """Sweep with Hydra's own multirun launcher; one output folder per job."""
-    import hydra
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig
 
-    from fedsim.config import config_dir, from_dictconfig
+    from fedsim._multirun import hydra_multirun
+    from fedsim.config import from_dictconfig
     from fedsim.runner import run
 
     failures: list[str] = []
@@ -141,25 +141,13 @@ def _hydra_multirun(overrides: Sequence[str]) -> int:
             failures.append(str(err))
             print(f"fedsim: error: {err}", file=sys.stderr)
 
-    argv = [
+    hydra_multirun(
         "fedsim run",
-        "--multirun",
-        *overrides,
-        "hydra.sweep.dir=multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}",
-        "hydra.sweep.subdir=${hydra.job.num}_${hydra.job.override_dirname}",
-        "hydra.job.chdir=false",
-        "hydra/job_logging=none",
-        "hydra/hydra_logging=none",
-    ]
-    main: Callable[[], None] = hydra.main(
-        config_path=str(config_dir()), config_name="config", version_base=None
-    )(job)
-    saved = sys.argv
-    sys.argv = argv
-    try:
-        main()
-    finally:
-        sys.argv = saved
+        overrides,
+        job,
+        sweep_dir="multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}",
+        sweep_subdir="${hydra.job.num}_${hydra.job.override_dirname}",
+    )
     return 2 if failures else 0
 
 

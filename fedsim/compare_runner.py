@@ -35,11 +35,12 @@ import shutil
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig
 
+from fedsim._multirun import hydra_multirun
 from fedsim.compare_plan import (
     FAILURE_FILE,
     REFERENCES,
@@ -57,7 +58,7 @@ from fedsim.comparison import (
     run_path,
     strategy_row,
 )
-from fedsim.config import config_dir, from_dictconfig
+from fedsim.config import from_dictconfig
 from fedsim.exceptions import ConfigError, FedsimError
 from fedsim.results import RESULTS_FILE, Results, atomic_write_text, load_results
 
@@ -124,40 +125,30 @@ def _launch(the_plan: Plan) -> None:
     The sweep covers the strategies and the seeds that have a pending run (all
     of them the first time); jobs whose run is already complete skip themselves.
     """
-    import hydra
-
     settings = the_plan.settings
     pending = the_plan.pending()
     strategies = [
         s for s in settings.strategies if any(r.strategy == s for r in pending)
     ]
     seeds = [str(s) for s in settings.seeds if any(r.seed == s for r in pending)]
-    argv = [
-        "fedsim compare",
-        "--multirun",
+    overrides = [
         *the_plan.overrides,
         f"strategy={','.join(strategies)}",
         f"seed={','.join(seeds)}",
-        f"hydra.sweep.dir={_quote(str(settings.dir.resolve()))}",
-        f"hydra.sweep.subdir={RUN_SUBDIR}",
-        "hydra.job.chdir=false",
-        "hydra/job_logging=none",
-        "hydra/hydra_logging=none",
     ]
-    main: Callable[[], None] = hydra.main(
-        config_path=str(config_dir()), config_name="config", version_base=None
-    )(_job)
-    saved = sys.argv
-    sys.argv = argv
     try:
-        main()
+        hydra_multirun(
+            "fedsim compare",
+            overrides,
+            _job,
+            sweep_dir=_quote(str(settings.dir.resolve())),
+            sweep_subdir=RUN_SUBDIR,
+        )
     except SystemExit as stop:  # Hydra reports its own errors, then exits
         if stop.code:
             raise ConfigError(
                 "Hydra's multirun stopped with an error (printed above)"
             ) from None
-    finally:
-        sys.argv = saved
 
 
 def _compute_references(the_plan: Plan) -> None:

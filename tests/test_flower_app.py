@@ -12,23 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from tests._processes import pids_mentioning
+
 pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _superlink_pids(marker: str) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            continue
-        if b"flower-superlink" in cmdline and marker.encode() in cmdline:
-            pids.append(int(entry))
-    return pids
 
 
 @pytest.fixture
@@ -41,7 +29,7 @@ def flwr_home(tmp_path: Path) -> Iterator[Path]:
     finally:
         # `flwr run` leaves its local SuperLink running, detached in its own
         # session: stop that session (and only it)
-        for pid in _superlink_pids(str(home)):
+        for pid in pids_mentioning("flower-superlink", str(home)):
             try:
                 os.killpg(os.getpgid(pid), signal.SIGKILL)
             except OSError:

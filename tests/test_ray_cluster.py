@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from fedsim.runner import run
+from tests._processes import pids_mentioning
 
 pytestmark = pytest.mark.ray
 
@@ -28,18 +29,11 @@ def _free_port() -> int:
 def _kill_processes_mentioning(marker: str) -> None:
     """Stop only the Ray processes of this test's cluster (not `ray stop`, which
     would stop every Ray cluster of this user)."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for pid in pids_mentioning(marker):
         try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
+            os.kill(pid, signal.SIGKILL)
         except OSError:
-            continue
-        if marker.encode() in cmdline:
-            try:
-                os.kill(int(entry), signal.SIGKILL)
-            except OSError:
-                pass
+            pass
 
 
 @pytest.fixture

@@ -21,9 +21,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedsim.data import DataSplits
+from fedsim.data._prepare import stratified_splits
 from fedsim.exceptions import DataError
 
-__all__ = ["DEQUANTIZE_MEAN", "DEQUANTIZE_STD", "dequantize_pixels"]
+__all__ = [
+    "DEQUANTIZE_MEAN",
+    "DEQUANTIZE_STD",
+    "dequantize_pixels",
+    "grey_level_splits",
+]
 
 _NOISE_TAG = 0x4E4F4953  # "NOIS": the noise's seed differs from the split's
 
@@ -71,3 +78,59 @@ def dequantize_pixels(pixels: np.ndarray, *, levels: int, seed: int) -> np.ndarr
     noise = rng.random(values.shape, dtype=np.float32)
     # float32 rounding can lift (levels - 1) + u to levels itself: keep below it
     return np.minimum(values + noise, np.nextafter(np.float32(levels), 0))
+
+
+def grey_level_splits(
+    name: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    levels: int,
+    mean: float,
+    std: float,
+    seed: int,
+    test_fraction: float,
+    dequantize: bool,
+) -> DataSplits:
+    """A pool of grey-level images in 10 classes, split and scaled for a factory.
+
+    The pool is split by the seeded stratified split
+    (:func:`fedsim.data._prepare.stratified_splits`). The pixels, integers
+    0..levels-1, are divided by ``levels - 1`` and standardised by ``mean`` and
+    ``std``; with ``dequantize`` they become ``(x + u) / levels - 1/2`` instead
+    (:func:`dequantize_pixels`, noise from ``seed``).
+
+    Parameters
+    ----------
+    name : str
+        The dataset's name.
+    images : numpy.ndarray
+        (N, 1, H, W) grey levels 0..levels-1.
+    labels : numpy.ndarray
+        (N,) int64 labels 0..9.
+    levels : int
+        Number of grey levels.
+    mean, std : float
+        Standardisation constants of ``images / (levels - 1)``.
+    seed : int
+        Seed of the split and of the dequantisation noise.
+    test_fraction : float
+        Share of every class held out for the server's test set, in (0, 1).
+    dequantize : bool
+        Hand out dequantised instead of standardised pixels.
+    """
+    scale, means, stds = float(levels - 1), (mean,), (std,)
+    if dequantize:
+        images = dequantize_pixels(images, levels=levels, seed=seed)
+        scale, means, stds = float(levels), DEQUANTIZE_MEAN, DEQUANTIZE_STD
+    return stratified_splits(
+        name,
+        images,
+        labels,
+        seed=seed,
+        test_fraction=test_fraction,
+        scale=scale,
+        mean=means,
+        std=stds,
+        num_classes=10,
+    )

@@ -1,4 +1,4 @@
-"""The IDX file format of MNIST and Fashion-MNIST: locate, download, read.
+"""The IDX file format of MNIST and Fashion-MNIST: locate, download, read, split.
 
 An IDX file is a 4-byte big-endian magic number ``0x0000TTDD`` (TT the element
 type, DD the number of dimensions), then DD big-endian uint32 sizes, then the
@@ -20,10 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
+from fedsim.data import DataSplits
 from fedsim.data._download import fetch
+from fedsim.data._prepare import make_splits
 from fedsim.exceptions import DataError
 
-__all__ = ["IDX_FILES", "IdxSource", "load_idx_source", "read_idx"]
+__all__ = ["IDX_FILES", "IdxSource", "idx_splits", "load_idx_source", "read_idx"]
 
 # element type code -> big-endian numpy dtype
 _TYPES: dict[int, str] = {
@@ -191,3 +193,28 @@ def load_idx_source(
             f"are {arrays[2].shape[1:]}"
         )
     return arrays[0], arrays[1], arrays[2], arrays[3]
+
+
+def idx_splits(
+    source: IdxSource, *, data_dir: str, download: bool, mean: float, std: float
+) -> DataSplits:
+    """The official train/test split of ``source`` as 10-class (1, H, W) images.
+
+    The files are found or fetched by :func:`load_idx_source`; the 8-bit pixels
+    are divided by 255 and standardised by ``mean`` and ``std``. The splits are
+    named ``source.name``.
+    """
+    x_train, y_train, x_test, y_test = load_idx_source(
+        source, data_dir=data_dir, download=download
+    )
+    return make_splits(
+        source.name,
+        x_train=x_train[:, None],
+        y_train=y_train,
+        x_test=x_test[:, None],
+        y_test=y_test,
+        scale=255.0,
+        mean=(mean,),
+        std=(std,),
+        num_classes=10,
+    )

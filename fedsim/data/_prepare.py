@@ -14,7 +14,13 @@ import torch
 from fedsim.data import ArrayDataset, DataSplits
 from fedsim.exceptions import ConfigError, DataError
 
-__all__ = ["check_test_fraction", "make_splits", "standardise", "stratified_split"]
+__all__ = [
+    "check_test_fraction",
+    "make_splits",
+    "standardise",
+    "stratified_split",
+    "stratified_splits",
+]
 
 
 def check_test_fraction(test_fraction: float) -> float:
@@ -151,4 +157,45 @@ def make_splits(
         test=test,
         input_shape=tuple(int(d) for d in x_train.shape[1:]),
         num_classes=int(num_classes),
+    )
+
+
+def stratified_splits(
+    name: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    seed: int,
+    test_fraction: float,
+    scale: float,
+    mean: Sequence[float],
+    std: Sequence[float],
+    num_classes: int,
+) -> DataSplits:
+    """One pool of examples split by :func:`stratified_split`, then :func:`make_splits`.
+
+    Parameters
+    ----------
+    name : str
+        The dataset's name.
+    images : numpy.ndarray
+        Inputs of the whole pool, (N, C, H, W) with values in [0, scale].
+    labels : numpy.ndarray
+        Integer labels of the pool, shape (N,).
+    seed, test_fraction
+        Passed to :func:`stratified_split`.
+    scale, mean, std, num_classes
+        Passed to :func:`make_splits`.
+    """
+    train, test = stratified_split(labels, test_fraction=test_fraction, seed=seed)
+    return make_splits(
+        name,
+        x_train=images[train],
+        y_train=labels[train],
+        x_test=images[test],
+        y_test=labels[test],
+        scale=scale,
+        mean=mean,
+        std=std,
+        num_classes=num_classes,
     )

@@ -12,8 +12,7 @@ partition, the t10k set is the server's test set.
 from __future__ import annotations
 
 from fedsim.data import DATASETS, DataSplits
-from fedsim.data._idx import IdxSource, load_idx_source
-from fedsim.data._prepare import make_splits
+from fedsim.data._idx import IdxSource, idx_splits
 
 __all__ = ["MEAN", "SOURCE", "STD", "mnist"]
 
@@ -54,17 +53,4 @@ def mnist(
     seed : int
         Unused: the official split is kept.
     """
-    x_train, y_train, x_test, y_test = load_idx_source(
-        SOURCE, data_dir=data_dir, download=download
-    )
-    return make_splits(
-        "mnist",
-        x_train=x_train[:, None],
-        y_train=y_train,
-        x_test=x_test[:, None],
-        y_test=y_test,
-        scale=255.0,
-        mean=(MEAN,),
-        std=(STD,),
-        num_classes=10,
-    )
+    return idx_splits(SOURCE, data_dir=data_dir, download=download, mean=MEAN, std=STD)

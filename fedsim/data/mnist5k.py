@@ -18,12 +18,7 @@ import functools
 import numpy as np
 
 from fedsim.data import DATASETS, DataSplits
-from fedsim.data._dequantize import (
-    DEQUANTIZE_MEAN,
-    DEQUANTIZE_STD,
-    dequantize_pixels,
-)
-from fedsim.data._prepare import make_splits, stratified_split
+from fedsim.data._dequantize import grey_level_splits
 
 __all__ = ["LEVELS", "MEAN", "STD", "mnist5k", "source_arrays"]
 
@@ -77,19 +72,14 @@ def mnist5k(
         per pixel from ``seed``, instead of standardised pixels (density models).
     """
     images, labels = source_arrays()
-    train, test = stratified_split(labels, test_fraction=test_fraction, seed=seed)
-    scale, mean, std = 255.0, (MEAN,), (STD,)
-    if dequantize:
-        images = dequantize_pixels(images, levels=LEVELS, seed=seed)
-        scale, mean, std = float(LEVELS), DEQUANTIZE_MEAN, DEQUANTIZE_STD
-    return make_splits(
+    return grey_level_splits(
         "mnist5k",
-        x_train=images[train],
-        y_train=labels[train],
-        x_test=images[test],
-        y_test=labels[test],
-        scale=scale,
-        mean=mean,
-        std=std,
-        num_classes=10,
+        images,
+        labels,
+        levels=LEVELS,
+        mean=MEAN,
+        std=STD,
+        seed=seed,
+        test_fraction=test_fraction,
+        dequantize=dequantize,
     )

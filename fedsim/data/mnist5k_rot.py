@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fedsim.data import DATASETS, DataSplits
-from fedsim.data._prepare import make_splits, stratified_split
+from fedsim.data._prepare import stratified_splits
 from fedsim.data._rotations import random_rotate_scale
 from fedsim.data.mnist5k import MEAN, STD, source_arrays
 from fedsim.exceptions import ConfigError
@@ -100,13 +100,12 @@ def mnist5k_rot(
         seed=seed, max_degrees=max_degrees, min_scale=min_scale, max_scale=max_scale
     )
     _, labels = source_arrays()
-    train, test = stratified_split(labels, test_fraction=test_fraction, seed=seed)
-    return make_splits(
+    return stratified_splits(
         "mnist5k_rot",
-        x_train=images[train],
-        y_train=labels[train],
-        x_test=images[test],
-        y_test=labels[test],
+        images,
+        labels,
+        seed=seed,
+        test_fraction=test_fraction,
         scale=255.0,
         mean=(MEAN,),
         std=(STD,),

@@ -49,6 +49,7 @@ __all__ = [
     "SOFT_WIDTH",
     "MatchResult",
     "Popularity",
+    "check_match_options",
     "match_units",
     "reference_max_new",
     "rematch_scores",
@@ -176,18 +177,16 @@ def match_units(
     fedsim.exceptions.ConfigError
         For a bad ``gamma``, ``iters``, ``popularity`` or ``max_atoms``.
     """
-    v, s, mu0, p0 = _checked_inputs(neurons, precisions, prior_mean, prior_precision)
-    _check_options(gamma, iters, popularity)
-    _check_max_atoms(max_atoms, v)
-    matcher = _Matcher(
-        v,
-        s,
-        mu0,
-        p0,
-        gamma=float(gamma),
+    matcher, v = _checked_matcher(
+        neurons,
+        precisions,
+        prior_mean,
+        prior_precision,
+        gamma=gamma,
+        iters=iters,
         popularity=popularity,
         max_new=max_new,
-        max_atoms=None if max_atoms is None else int(max_atoms),
+        max_atoms=max_atoms,
     )
     start = None if init is None else _checked_init(init, v)
     if start is not None and max_atoms is not None:
@@ -247,11 +246,43 @@ max_atoms
     -------
     ndarray, shape (L_j, L + K_new)
     """
-    v, s, mu0, p0 = _checked_inputs(neurons, precisions, prior_mean, prior_precision)
-    _check_options(gamma, 0, popularity)
-    _check_max_atoms(max_atoms, v)
+    matcher, v = _checked_matcher(
+        neurons,
+        precisions,
+        prior_mean,
+        prior_precision,
+        gamma=gamma,
+        iters=0,
+        popularity=popularity,
+        max_new=max_new,
+        max_atoms=max_atoms,
+    )
     if not 0 <= client < len(v):
         raise ConfigError(f"client={client} is not in 0..{len(v) - 1}.")
+    with _blas().limit(limits=1, user_api="blas"):
+        matcher.load(_checked_init(result.assignments, v))
+        matcher.remove(client)
+        n_new = matcher.n_new_slots(len(v[client]))
+        return matcher.with_slots(client, matcher.existing_scores(client), n_new)
+
+
+# ----------------------------------------------------------------- validation
+def _checked_matcher(
+    neurons: Sequence[ArrayLike],
+    precisions: Sequence[ArrayLike],
+    prior_mean: ArrayLike,
+    prior_precision: ArrayLike,
+    *,
+    gamma: float,
+    iters: int,
+    popularity: Popularity,
+    max_new: MaxNew,
+    max_atoms: int | None,
+) -> tuple[_Matcher, list[F64]]:
+    """Validate the inputs and options of one run; its matcher and the units."""
+    v, s, mu0, p0 = _checked_inputs(neurons, precisions, prior_mean, prior_precision)
+    check_match_options(gamma, iters, popularity)
+    _check_max_atoms(max_atoms, v)
     matcher = _Matcher(
         v,
         s,
@@ -262,14 +293,9 @@ max_atoms
         max_new=max_new,
         max_atoms=None if max_atoms is None else int(max_atoms),
     )
-    with _blas().limit(limits=1, user_api="blas"):
-        matcher.load(_checked_init(result.assignments, v))
-        matcher.remove(client)
-        n_new = matcher.n_new_slots(len(v[client]))
-        return matcher.with_slots(client, matcher.existing_scores(client), n_new)
+    return matcher, v
 
 
-# ----------------------------------------------------------------- validation
 def _checked_inputs(
     neurons: Sequence[ArrayLike],
     precisions: Sequence[ArrayLike],
@@ -313,7 +339,12 @@ def _checked_inputs(
     return v, s, mu0, p0
 
 
-def _check_options(gamma: float, iters: int, popularity: str) -> None:
+def check_match_options(gamma: float, iters: int, popularity: str) -> None:
+    """Raise :class:`ConfigError` for a bad ``gamma``, ``iters`` or ``popularity``.
+
+    The checks :func:`match_units` makes, for callers that validate before
+    they prepare its inputs.
+    """
     if not (isinstance(gamma, int | float) and math.isfinite(gamma) and gamma > 0):
         raise ConfigError(f"gamma={gamma!r} must be a finite number > 0.")
     if isinstance(iters, bool) or not isinstance(iters, int | np.integer) or iters < 0:

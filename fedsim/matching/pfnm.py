@@ -34,7 +34,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from fedsim.exceptions import AggregationError, ConfigError
-from fedsim.matching.bbp import Popularity, match_units
+from fedsim.matching.bbp import Popularity, check_match_options, match_units
 
 __all__ = ["BIAS_PRIOR_MEAN", "PFNMResult", "pfnm_mlp", "pfnm_mlp_with_assignments"]
 
@@ -160,18 +160,13 @@ def pfnm_mlp_with_assignments(
         For a non-positive ``sigma2``, ``sigma0_2`` or ``gamma``, or an unknown
         option.
     """
-    for name, value in (("sigma2", sigma2), ("sigma0_2", sigma0_2), ("gamma", gamma)):
+    for name, value in (("sigma2", sigma2), ("sigma0_2", sigma0_2)):
         if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
             raise ConfigError(f"{name}={value!r} must be a finite number > 0.")
-    if isinstance(iters, bool) or not isinstance(iters, int | np.integer) or iters < 0:
-        raise ConfigError(f"iters={iters!r} must be an integer >= 0.")
+    check_match_options(gamma, iters, popularity)
     if missing not in ("patch", "zero_precision"):
         raise ConfigError(
             f"missing={missing!r} is not one of 'patch', 'zero_precision'."
-        )
-    if popularity not in ("reference", "consistent"):
-        raise ConfigError(
-            f"popularity={popularity!r} is not one of 'reference', 'consistent'."
         )
     nets = _checked_nets(client_weights)
     n_hidden = len(nets[0]) // 2 - 1

@@ -26,6 +26,7 @@ The paper runs de-allocation then re-allocation after each epoch while
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar, cast
@@ -77,6 +78,21 @@ def _positive(name: str, widths: Sequence[int]) -> list[int]:
     return out
 
 
+def _pools(rows: int, h: int, w: int) -> list[bool]:
+    """Whether a 2x2 average pool follows each of ``rows`` rows of blocks.
+
+    Every row but the last is followed by one, unless the ``h x w`` map has
+    already shrunk to one pixel wide.
+    """
+    pools: list[bool] = []
+    for r in range(rows):
+        pool = r < rows - 1 and min(h, w) >= 2
+        pools.append(pool)
+        if pool:
+            h, w = h // 2, w // 2
+    return pools
+
+
 @dataclass(frozen=True)
 class _Selection:
     """Selective-conv options shared by every layer of a network."""
@@ -97,14 +113,42 @@ class _Selection:
         )
 
 
-class _SelectiveNet(nn.Module):
-    """Selective-conv bookkeeping shared by both networks.
+class _SelectiveNet(nn.Module, ABC):
+    """Selective-conv bookkeeping and the layout shared by both networks.
 
-    Subclasses set ``realloc_seed`` and hold their selective convs as
-    submodules; the final BatchNorm is ``norm`` and the classifier ``fc``.
+    ``stem (conv) -> row -> pool -> row ... -> BN -> ReLU -> global average
+    pool -> Linear``. Subclasses set ``realloc_seed`` and ``stem``, hold their
+    rows of blocks (each a ModuleList) in a ModuleList that :meth:`rows`
+    returns, and call :meth:`_add_head` after them.
     """
 
     realloc_seed: int
+    stem: nn.Conv2d
+    pools: list[bool]
+    norm: nn.BatchNorm2d
+    fc: nn.Linear
+
+    @abstractmethod
+    def rows(self) -> nn.ModuleList:
+        """The rows of blocks (dense blocks or residual stages), in order."""
+
+    def _add_head(
+        self, *, input_hw: tuple[int, int], width: int, num_classes: int
+    ) -> None:
+        """The pools between the rows, the final BatchNorm and the classifier."""
+        self.pools = _pools(len(self.rows()), *input_hw)
+        self.norm = nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for row, pool in zip(self.rows(), self.pools, strict=True):
+            for block in cast(nn.ModuleList, row):
+                x = block(x)
+            if pool:
+                x = F.avg_pool2d(x, 2)
+        x = F.relu(self.norm(x)).mean(dim=(2, 3))
+        return self.fc(x)
 
     def selective_layers(self) -> list[tuple[str, SelectiveConv2d]]:
         """Every selective conv with its module path, in forward order."""
@@ -238,11 +282,8 @@ class SelectiveDenseNet(_SelectiveNet):
         sel = _Selection(top_k=top_k, gamma=gamma, max_copies=max_copies)
         self.stem = nn.Conv2d(c, self.stem_width, 3, padding=1, bias=False)
         self.blocks = nn.ModuleList()
-        self.pools: list[bool] = []
         width = self.stem_width
-        for b, (grows, mids) in enumerate(
-            zip(self.growth, self.bottleneck, strict=True)
-        ):
+        for grows, mids in zip(self.growth, self.bottleneck, strict=True):
             block = nn.ModuleList()
             for grow, mid in zip(grows, mids, strict=True):
                 block.append(
@@ -250,23 +291,11 @@ class SelectiveDenseNet(_SelectiveNet):
                 )
                 width += grow
             self.blocks.append(block)
-            pool = b < len(self.growth) - 1 and min(h, w) >= 2
-            self.pools.append(pool)
-            if pool:
-                h, w = h // 2, w // 2
-        self.norm = nn.BatchNorm2d(width)
-        self.fc = nn.Linear(width, num_classes)
+        self._add_head(input_hw=(h, w), width=width, num_classes=num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        blocks = _nested(self.blocks, _DenseLayer)
-        for block, pool in zip(blocks, self.pools, strict=True):
-            for layer in block:
-                x = layer(x)
-            if pool:
-                x = F.avg_pool2d(x, 2)
-        x = F.relu(self.norm(x)).mean(dim=(2, 3))
-        return self.fc(x)
+    def rows(self) -> nn.ModuleList:
+        """The dense blocks."""
+        return self.blocks
 
     def permutation_spec(self) -> PermutationSpec:
         """Stem and per-layer new channels are slices of every later input.
@@ -410,11 +439,8 @@ class SelectiveResNet(_SelectiveNet):
         sel = _Selection(top_k=top_k, gamma=gamma, max_copies=max_copies)
         self.stem = nn.Conv2d(c, self.stem_width, 3, padding=1, bias=False)
         self.stages = nn.ModuleList()
-        self.pools: list[bool] = []
         width = self.stem_width
-        for s, (extra, mids) in enumerate(
-            zip(self.added, self.bottleneck, strict=True)
-        ):
+        for extra, mids in zip(self.added, self.bottleneck, strict=True):
             stage = nn.ModuleList()
             for j, mid in enumerate(mids):
                 stage.append(
@@ -427,23 +453,11 @@ class SelectiveResNet(_SelectiveNet):
                 )
             width += extra
             self.stages.append(stage)
-            pool = s < len(self.added) - 1 and min(h, w) >= 2
-            self.pools.append(pool)
-            if pool:
-                h, w = h // 2, w // 2
-        self.norm = nn.BatchNorm2d(width)
-        self.fc = nn.Linear(width, num_classes)
+        self._add_head(input_hw=(h, w), width=width, num_classes=num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        stages = _nested(self.stages, _Bottleneck)
-        for stage, pool in zip(stages, self.pools, strict=True):
-            for block in stage:
-                x = block(x)
-            if pool:
-                x = F.avg_pool2d(x, 2)
-        x = F.relu(self.norm(x)).mean(dim=(2, 3))
-        return self.fc(x)
+    def rows(self) -> nn.ModuleList:
+        """The residual stages."""
+        return self.stages
 
     def permutation_spec(self) -> PermutationSpec:
         """One group per stream slice, two per bottleneck.

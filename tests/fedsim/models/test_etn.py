@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from sklearn.datasets import load_digits
 from torch.nn import functional as F
 
 from fedsim import models
@@ -17,6 +16,7 @@ from fedsim.data._rotations import random_rotate_scale, rotate_scale
 from fedsim.exceptions import ConfigError
 from fedsim.models._etn_transforms import GROUPS, apply_homography
 from fedsim.models.etn import ETN, EquivariantTransformer
+from tests.fedsim.models._helpers import adam_steps, digit_images
 from tests.support import perturb_state
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -329,22 +329,15 @@ def test_rotate_scale_rejects_bad_arguments() -> None:
 
 def test_training_on_digits_lowers_the_loss() -> None:
     torch.manual_seed(0)
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
-    y = torch.tensor(digits.target)
+    x, y = digit_images()
+    x = x / 16.0
     gen = torch.Generator().manual_seed(0)
     order = torch.randperm(len(y), generator=gen)
     train, test = order[:1400], order[1400:]
     model = models.build("etn", input_shape=(1, 8, 8), num_classes=10, **ROTATION_8X8)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
-    losses = []
-    for _ in range(200):
-        batch = train[torch.randint(len(train), (32,), generator=gen)]
-        loss = F.cross_entropy(model(x[batch]), y[batch])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = adam_steps(
+        model, x, y, steps=200, batch=32, lr=2e-2, generator=gen, pool=train
+    )
     first, last = np.mean(losses[:10]), np.mean(losses[-20:])
     assert first > 2.0
     assert last < 0.5 * first and last < 0.6, (first, last)

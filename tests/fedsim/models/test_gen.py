@@ -7,7 +7,6 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from sklearn.datasets import load_digits
 from torch.func import functional_call, grad, stack_module_state, vmap
 
 from fedsim import models
@@ -15,6 +14,7 @@ from fedsim.data.poisson import generate_poisson, solve_poisson
 from fedsim.exceptions import ConfigError
 from fedsim.matching.permspec import PermutationSpec
 from fedsim.models.gen import GEN
+from tests.fedsim.models._helpers import adam_steps, digit_images
 from tests.support import max_output_change, perturb_state
 
 FIELD = {"input_shape": (1, 8, 8), "num_classes": 64}
@@ -301,22 +301,14 @@ def test_training_on_poisson_problems_lowers_the_mse_tenfold() -> None:
 
 
 def test_trains_on_digits() -> None:
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32).reshape(-1, 1, 8, 8)
+    x, y = digit_images()
     x = (x - x.mean()) / x.std()
-    y = torch.tensor(digits.target)
     torch.manual_seed(0)
     model = models.build("gen", **DIGITS, steps=1)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         first = torch.nn.functional.cross_entropy(model(x), y).item()
-    for _ in range(300):
-        idx = torch.randint(0, len(x), (64,), generator=gen)
-        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    adam_steps(model, x, y, steps=300, batch=64, lr=2e-3, generator=gen)
     with torch.no_grad():
         out = model(x)
     last = torch.nn.functional.cross_entropy(out, y).item()

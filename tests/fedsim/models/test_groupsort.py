@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from sklearn.datasets import load_digits
 from torch.func import functional_call, grad, jacrev, vmap
 
 from fedsim import models
@@ -23,6 +22,7 @@ from fedsim.models._lipschitz import (
     project_l1_rows,
 )
 from fedsim.models.groupsort import GroupSortMLP
+from tests.fedsim.models._helpers import adam_steps, digit_images
 from tests.support import max_output_change, perturb_state
 
 DIGITS = {"input_shape": (1, 8, 8), "num_classes": 10}
@@ -474,21 +474,14 @@ def test_functional_step_matches_autograd() -> None:
 
 
 def test_trains_on_digits() -> None:
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
-    y = torch.tensor(digits.target)
+    x, y = digit_images()
+    x = x / 16.0
     torch.manual_seed(0)
     model = models.build("groupsort_mlp", **DIGITS, hidden=[64, 64], lipschitz=10.0)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         first = torch.nn.functional.cross_entropy(model(x), y).item()
-    for _ in range(200):
-        idx = torch.randint(0, len(x), (64,), generator=gen)
-        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    adam_steps(model, x, y, steps=200, batch=64, lr=1e-2, generator=gen)
     with torch.no_grad():
         out = model(x)
     last = torch.nn.functional.cross_entropy(out, y).item()

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch.autograd.functional import jacobian
 from torch.func import functional_call, grad, vmap
 
@@ -31,6 +30,7 @@ from fedsim.models._iresnet_layers import (
     unsqueeze,
 )
 from fedsim.models.iresnet import IResNet, IResNetFlow, bits_per_dim
+from tests.fedsim.models._helpers import adam_steps, digit_images
 from tests.support import max_output_change, perturb_state
 
 SMALL = {"input_shape": (1, 8, 8), "num_classes": 10}
@@ -49,12 +49,6 @@ def _stress(model: IResNet | IResNetFlow) -> None:
         for _, conv in model.spectral_convs():
             conv.weight_orig.mul_(3.0)
     model.reestimate_spectral_norms()
-
-
-def _digits() -> tuple[torch.Tensor, torch.Tensor]:
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1)
-    return x, torch.tensor(data.target)
 
 
 def _matrix(fn: Any, x: torch.Tensor) -> torch.Tensor:
@@ -353,7 +347,7 @@ def _train(
 
 
 def test_fedavg_then_server_update_keeps_the_lipschitz_bound() -> None:
-    x, y = _digits()
+    x, y = digit_images()
     x = (x / 16 - 0.5).double()
     server = _build("iresnet")
     clients = [copy.deepcopy(server) for _ in range(2)]
@@ -403,7 +397,7 @@ def test_fedavg_then_server_update_keeps_the_lipschitz_bound() -> None:
 
 
 def test_a_model_loading_trained_weights_does_not_reinitialise_actnorm() -> None:
-    x, _ = _digits()
+    x, _ = digit_images()
     x = (x / 16 - 0.5).double()
     trained = _build("iresnet_flow")
     trained.train()
@@ -540,20 +534,12 @@ def test_functional_gradients_match_eager_and_vmap(
 
 
 def test_classifier_learns_digits() -> None:
-    x, y = _digits()
+    x, y = digit_images()
     x = x / 16 - 0.5
     torch.manual_seed(0)
     model = models.build("iresnet", **SMALL)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in range(200):
-        idx = torch.randint(0, len(x), (64,), generator=gen)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = adam_steps(model, x, y, steps=200, batch=64, lr=3e-3, generator=gen)
     assert np.mean(losses[-10:]) < 0.3 * np.mean(losses[:10])
     model.eval()
     with torch.no_grad():
@@ -562,7 +548,7 @@ def test_classifier_learns_digits() -> None:
 
 
 def test_flow_negative_log_likelihood_falls_on_digits() -> None:
-    x, _ = _digits()
+    x, _ = digit_images()
     torch.manual_seed(0)
     flow = models.build("iresnet_flow", **SMALL)
     opt = torch.optim.Adam(flow.parameters(), lr=3e-3)

@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from sklearn.datasets import load_digits
 from torch.func import functional_call, grad, vmap
 
 from fedsim import models
@@ -24,6 +23,7 @@ from fedsim.matching.permspec import (
 )
 from fedsim.models._lego import LegoConv2d
 from fedsim.models.lego_cnn import LegoCNN, lego_cnn
+from tests.fedsim.models._helpers import digit_images
 from tests.support import max_output_change, perturb_state
 
 CONFIG = Path(__file__).parents[3] / "configs" / "model" / "lego_cnn.yaml"
@@ -71,9 +71,8 @@ def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    return x, torch.tensor(data.target)
+    x, y = digit_images()
+    return x / 16.0, y
 
 
 # --- (1) parameter count -------------------------------------------------------

@@ -18,7 +18,6 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import pytest
 import torch
-from sklearn.datasets import load_digits
 
 from fedsim import models
 from fedsim.matching.permspec import (
@@ -38,6 +37,7 @@ from fedsim.models.nasbench import (
     spec_hash,
     vertex_channels,
 )
+from tests.fedsim.models._helpers import adam_steps, digit_images
 from tests.support import max_output_change, perturb_state
 
 INCEPTION_HASH = "28cfc7874f6d200472e1a9dcd8650aa0"
@@ -478,12 +478,10 @@ def test_torch_func_gradients_equal_autograd() -> None:
 
 
 def test_training_on_digits_lowers_the_loss() -> None:
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(digits.target)
+    x, y = digit_images()
+    x = x / 16.0
     torch.manual_seed(0)
     model = models.build("nasbench", input_shape=(1, 8, 8), num_classes=10)
-    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
 
     def full_batch() -> tuple[float, float]:
@@ -494,12 +492,7 @@ def test_training_on_digits_lowers_the_loss() -> None:
         return loss, (logits.argmax(1) == y).float().mean().item()
 
     before, _ = full_batch()
-    for _ in range(150):
-        idx = torch.randint(0, len(y), (32,), generator=gen)
-        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
+    adam_steps(model, x, y, steps=150, batch=32, lr=3e-3, generator=gen)
     after, accuracy = full_batch()
     assert after < 0.25 * before
     assert accuracy > 0.9

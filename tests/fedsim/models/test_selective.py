@@ -9,7 +9,6 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import pytest
 import torch
-from sklearn.datasets import load_digits
 from torch.func import functional_call, grad, vmap
 
 from fedsim import models
@@ -21,6 +20,7 @@ from fedsim.models._selective_conv import (
     shift_channels,
 )
 from fedsim.models.selective import SelectiveDenseNet, SelectiveResNet
+from tests.fedsim.models._helpers import adam_steps, digit_images
 from tests.support import SMALL_BUILD, max_output_change, perturb_state
 
 NAMES = ["selective_densenet", "selective_resnet"]
@@ -479,28 +479,34 @@ def one_thread() -> Iterator[None]:
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("name", NAMES)
 def test_training_on_digits_lowers_the_loss(name: str) -> None:
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(digits.target)
+    x, y = digit_images()
+    x = x / 16.0
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     train, test = perm[:1400], perm[1400:]
     torch.manual_seed(0)
     # a loose damage budget, so that this short run really closes and copies
     model = models.build(name, **SMALL_BUILD, gamma=0.05)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(1)
     loss_fn = torch.nn.CrossEntropyLoss()
     with torch.no_grad():
         first = float(loss_fn(model.eval()(x[train]), y[train]))
     model.train()
-    for step in range(1, 161):
-        idx = train[torch.randint(len(train), (32,), generator=gen)]
-        loss = loss_fn(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+
+    def server_schedule(step: int) -> None:
         if step % 40 == 0:  # rounds 1..4 of 8: the server's schedule, mid-run
             model.server_update(step // 40, 8)
+
+    adam_steps(
+        model,
+        x,
+        y,
+        steps=160,
+        batch=32,
+        lr=3e-3,
+        generator=gen,
+        pool=train,
+        after_step=server_schedule,
+    )
     copies = sum(int((m.p >= 0).sum()) for m in _layers(model) if m.p is not None)
     model.eval()
     with torch.no_grad():
