@@ -14,10 +14,11 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 
+from fedsim.exceptions import ConfigError
 from fedsim.params import record_to_state
-from fedsim.plasticity import FISHER_RECORD
+from fedsim.plasticity import FISHER_RECORD, NORMALISATIONS
 
-__all__ = ["ClientFisher", "fits", "take_fisher"]
+__all__ = ["ClientFisher", "check_wpl_options", "fits", "take_fisher"]
 
 Tensors = dict[str, torch.Tensor]
 
@@ -70,3 +71,28 @@ def fits(tensors: Tensors, arrays: ArrayRecord) -> bool:
         k in arrays and tuple(arrays[k].shape) == tuple(v.shape)
         for k, v in tensors.items()
     )
+
+
+def check_wpl_options(
+    alpha: float,
+    decay: float,
+    normalize: str,
+    clip: float | None,
+    fisher_samples: int,
+) -> None:
+    """The weight-plasticity options every WPL strategy takes, checked once."""
+    if alpha < 0:
+        raise ConfigError(f"strategy.alpha={alpha} must be zero or positive")
+    if not 0.0 <= decay < 1.0:
+        raise ConfigError(f"strategy.decay={decay} must be in [0, 1)")
+    if normalize not in NORMALISATIONS:
+        raise ConfigError(
+            f"strategy.normalize={normalize!r} is not one of: "
+            f"{', '.join(NORMALISATIONS)}"
+        )
+    if clip is not None and clip <= 0:
+        raise ConfigError(f"strategy.clip={clip} must be positive or null")
+    if fisher_samples < 1:
+        raise ConfigError(
+            f"strategy.fisher_samples={fisher_samples} must be at least 1"
+        )

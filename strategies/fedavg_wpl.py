@@ -23,20 +23,18 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedsim.exceptions import ConfigError
 from fedsim.matching.permspec import PermutationSpec, select_units
 from fedsim.params import state_to_record
 from fedsim.plasticity import (
     FISHER_RECORD,
     FISHER_SAMPLES,
-    NORMALISATIONS,
     WPL_ALPHA,
     decayed,
     normalise,
     weighted_mean,
 )
 from fedsim.strategy import STRATEGIES, StrategyContext
-from strategies._fisher import fits, take_fisher
+from strategies._fisher import check_wpl_options, fits, take_fisher
 
 __all__ = ["FedAvgWPL", "fedavg_wpl"]
 
@@ -72,21 +70,7 @@ class FedAvgWPL(FedAvg):
         **kwargs: object,
     ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
-        if alpha < 0:
-            raise ConfigError(f"strategy.alpha={alpha} must be zero or positive")
-        if not 0.0 <= decay < 1.0:
-            raise ConfigError(f"strategy.decay={decay} must be in [0, 1)")
-        if normalize not in NORMALISATIONS:
-            raise ConfigError(
-                f"strategy.normalize={normalize!r} is not one of: "
-                f"{', '.join(NORMALISATIONS)}"
-            )
-        if clip is not None and clip <= 0:
-            raise ConfigError(f"strategy.clip={clip} must be positive or null")
-        if fisher_samples < 1:
-            raise ConfigError(
-                f"strategy.fisher_samples={fisher_samples} must be at least 1"
-            )
+        check_wpl_options(alpha, decay, normalize, clip, fisher_samples)
         self.alpha = alpha
         self.decay = decay
         self.normalize = normalize

@@ -177,10 +177,15 @@ def infer_widths(
     ``spec`` and ``template`` are the spec and state dict of an instance of the
     same architecture. Each group's width is read off its producing axis (its
     first ``AxisRef``), whose non-group part has the same length at any width.
+    A group whose producing tensor ``state`` lacks (a client-local tensor the
+    server never sees, such as GEN's node positions) keeps the template's width.
     """
     widths: dict[str, int] = {}
     for group in spec:
         ref = group.axes[0]
+        if ref.tensor not in state:
+            widths[group.name] = group.size
+            continue
         per_unit = ref.block * ref.repeat
         length = int(state[ref.tensor].shape[ref.axis])
         other = int(template[ref.tensor].shape[ref.axis]) - group.size * per_unit

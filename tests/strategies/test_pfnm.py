@@ -573,3 +573,21 @@ def test_ray_simulation_with_three_clients(tmp_path: Path) -> None:
     )
     assert same.final["test_accuracy"] == pytest.approx(results.final["test_accuracy"])
     assert same.rounds[-1]["widths"] == results.rounds[-1]["widths"]
+
+
+def test_a_model_with_client_local_tensors_is_matched(tmp_path: Path) -> None:
+    """GEN's node positions never reach the server; matching must not need them."""
+    results = run(
+        [
+            "model=gen",
+            "strategy=pfnm",
+            "dataset=digits",
+            "num_clients=3",
+            "num_rounds=2",
+            "simulation.engine=inprocess",
+            f"output_dir={tmp_path / 'gen'}",
+        ],
+        progress=lambda r: None,
+    )
+    assert results.status == "completed"
+    assert [r["num_replies"] for r in results.rounds[1:]] == [3, 3]

@@ -77,3 +77,13 @@ def test_rebuild_refuses_to_resize_a_fixed_group() -> None:
     spec = PermutationSpec((PermGroup("g", 3, (AxisRef("w"),), width_key=None),))
     with pytest.raises(ValueError, match="fixed width"):
         models.rebuild_kwargs({}, spec, {"g": 4})
+
+
+def test_widths_of_groups_whose_tensor_is_absent_stay_as_built() -> None:
+    model = models.build("mlp", input_shape=(1, 4, 4), num_classes=3, hidden=[6, 5])
+    spec = models.permutation_spec(model)
+    state = {k: v for k, v in model.state_dict().items() if k != "layers.0.weight"}
+    state["layers.1.weight"] = torch.zeros(7, 6)
+    state["layers.1.bias"] = torch.zeros(7)
+    widths = models.infer_widths(spec, state, model.state_dict())
+    assert widths == {"hidden.0": 6, "hidden.1": 7}
