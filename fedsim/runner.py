@@ -70,7 +70,7 @@ def print_progress(exp: ExperimentConfig) -> Callable[[dict[str, Any]], None]:
     """A per-round progress printer (one line per round, rich-formatted)."""
     from rich.console import Console
 
-    console = Console(stderr=False, highlight=False)
+    console = Console(stderr=False, highlight=False, soft_wrap=True)
     started = time.perf_counter()
 
     def show(record: dict[str, Any]) -> None:
