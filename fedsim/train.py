@@ -226,12 +226,15 @@ def local_train(
     generator: torch.Generator,
     lr: float | None = None,
     penalty: Penalty | None = None,
+    before_step: Callable[[], None] | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``(x, y)`` for ``cfg.epochs`` epochs and return its state.
 
     The model object itself is left unchanged; the trained weights are returned
     as a state dict in the model's key order. Batches are drawn from one
     ``torch.randperm`` per epoch using ``generator`` (the client's own seed).
+    ``before_step`` / ``after_step`` run around every step (AOFP's probes).
     """
     n = int(x.shape[0])
     if n == 0:
@@ -251,9 +254,13 @@ def local_train(
             idx = order[start : start + cfg.batch_size]
             xb, yb = x.index_select(0, idx), y.index_select(0, idx)
             weight = torch.ones(len(idx), dtype=x.dtype, device=device)
+            if before_step is not None:
+                before_step()
             params, buffers, opt_state, loss = step(
                 params, buffers, opt_state, xb, yb, weight, rate
             )
+            if after_step is not None:
+                after_step()
             losses.append(loss.detach())
             steps += 1
     merged = {**buffers, **params}

@@ -44,13 +44,7 @@ from fedsim.pruning.flops import count_flops
 from fedsim.pruning.groups import UnitMasks, prunable_groups
 from fedsim.pruning.removal import remove_units
 from fedsim.tasks import Task
-from fedsim.train import (
-    Penalty,
-    TrainResult,
-    init_optimizer_state,
-    make_step,
-    split_state,
-)
+from fedsim.train import Penalty, TrainResult, local_train
 
 __all__ = [
     "AOFP",
@@ -345,36 +339,16 @@ def aofp_train(
     returned state has the full widths; :meth:`AOFP.export` removes the masked
     units.
     """
-    n = int(x.shape[0])
-    if n == 0:
-        raise ValueError("a client with no training examples cannot train")
-    model.train()
-    device = x.device
-    params, buffers = split_state(model)
-    opt_state = {k: v.to(device) for k, v in init_optimizer_state(params, cfg).items()}
-    step = make_step(model, task, cfg, penalty)
-    rate = cfg.lr if lr is None else lr
-    losses: list[torch.Tensor] = []
-    steps = 0
     with search.masks.attached():
-        for _ in range(cfg.epochs):
-            order = torch.randperm(n, generator=generator).to(device)
-            losses = []
-            for begin in range(0, n, cfg.batch_size):
-                idx = order[begin : begin + cfg.batch_size]
-                xb, yb = x.index_select(0, idx), y.index_select(0, idx)
-                weight = torch.ones(len(idx), dtype=x.dtype, device=device)
-                search.before_step()
-                params, buffers, opt_state, loss = step(
-                    params, buffers, opt_state, xb, yb, weight, rate
-                )
-                search.after_step()
-                losses.append(loss.detach())
-                steps += 1
-    merged = {**buffers, **params}
-    return TrainResult(
-        state_dict={k: merged[k] for k in model.state_dict()},
-        train_loss=float(torch.stack(losses).mean()),
-        num_steps=steps,
-        num_examples=n,
-    )
+        return local_train(
+            model,
+            x,
+            y,
+            cfg,
+            task,
+            generator=generator,
+            lr=lr,
+            penalty=penalty,
+            before_step=search.before_step,
+            after_step=search.after_step,
+        )
