@@ -99,13 +99,22 @@ class _CohortShardWorker:
         return run_shard(exp, job)
 
 
-def _ensure_ray(exp: ExperimentConfig) -> Any:
+def _open_ray(exp: ExperimentConfig) -> tuple[Any, bool]:
+    """Ray, initialised for ``exp`` if needed; and whether this call started a
+    local Ray (which its caller then shuts down) rather than attaching."""
     quiet(exp.simulation.ray_log_level)
     import ray
 
-    if not ray.is_initialized():
-        ray.init(**backend_config(exp)["init_args"])
-        _SHARDS["started_ray"] = not exp.simulation.ray_address
+    if ray.is_initialized():
+        return ray, False
+    ray.init(**backend_config(exp)["init_args"])
+    return ray, not exp.simulation.ray_address
+
+
+def _ensure_ray(exp: ExperimentConfig) -> Any:
+    ray, started = _open_ray(exp)
+    if started:
+        _SHARDS["started_ray"] = True
     return ray
 
 
@@ -220,13 +229,7 @@ class ClientWorkers:
 
 def start_client_workers(exp: ExperimentConfig, client_app: Any) -> ClientWorkers:
     """Start as many client workers as clients fit the Ray cluster at once."""
-    started = False
-    quiet(exp.simulation.ray_log_level)
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(**backend_config(exp)["init_args"])
-        started = not exp.simulation.ray_address
+    ray, started = _open_ray(exp)
     res = exp.simulation.client_resources
     total = ray.cluster_resources()
     fits = int(total.get("CPU", 1) // res.num_cpus)
