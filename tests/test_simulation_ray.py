@@ -53,3 +53,25 @@ def test_ray_simulation_writes_results(tmp_path: Path) -> None:
     assert same.final["test_loss"] == pytest.approx(
         results.final["test_loss"], rel=1e-5
     )
+
+
+def test_sharded_engine_equals_the_in_process_engine(tmp_path: Path) -> None:
+    setup = [
+        "dataset=digits",
+        "model.hidden=[16]",
+        "num_clients=5",
+        "num_rounds=2",
+        "fraction_train=0.6",
+    ]
+    sharded = run(
+        [*setup, "simulation.engine=sharded", f"output_dir={tmp_path / 's'}"],
+        progress=lambda r: None,
+    )
+    local = run(
+        [*setup, "simulation.engine=inprocess", f"output_dir={tmp_path / 'i'}"],
+        progress=lambda r: None,
+    )
+    for a, b in zip(sharded.rounds, local.rounds, strict=True):
+        assert a.get("clients") == b.get("clients")
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-6)
+    assert [r["num_replies"] for r in sharded.rounds[1:]] == [3, 3]
