@@ -7,7 +7,14 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from fedsim.params import array_to_numpy, record_to_state, split_roles, state_to_record
+from fedsim.params import (
+    NpyArray,
+    array_to_numpy,
+    numpy_to_array,
+    record_to_state,
+    split_roles,
+    state_to_record,
+)
 
 CASES = [
     np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32),
@@ -45,3 +52,45 @@ def test_state_round_trip_and_roles() -> None:
     assert set(parts["server"]) == {"n"}  # integer tensors are never averaged
     assert set(parts["local"]) == {"p"}
     assert isinstance(state_to_record(state, ["w"]), ArrayRecord)
+
+
+@pytest.mark.parametrize("value", CASES, ids=range(len(CASES)))
+def test_numpy_to_array_is_byte_identical_to_flowers_encoder(
+    value: np.ndarray,
+) -> None:
+    plain = Array(value)
+    for _ in range(2):  # the second call reuses the cached header
+        fast = numpy_to_array(value)
+        assert isinstance(fast, NpyArray)
+        assert (fast.dtype, fast.shape, fast.stype, fast.data) == (
+            plain.dtype,
+            plain.shape,
+            plain.stype,
+            plain.data,
+        )
+
+
+@pytest.mark.parametrize("value", CASES, ids=range(len(CASES)))
+def test_npy_array_decodes_like_np_load_into_a_writable_copy(
+    value: np.ndarray,
+) -> None:
+    fast = numpy_to_array(value)
+    decoded, reference = fast.numpy(), Array(value).numpy()
+    assert decoded.dtype == reference.dtype and decoded.shape == reference.shape
+    np.testing.assert_array_equal(decoded, reference)
+    assert decoded.flags.writeable
+    if decoded.size:
+        decoded.reshape(-1)[0] = 1  # a copy: the Array's bytes stay as they were
+        np.testing.assert_array_equal(fast.numpy(), reference)
+
+
+def test_npy_array_travels_as_a_plain_flower_array() -> None:
+    """Flower names the class in an object's serialised form; an NpyArray must
+    serialise, hash and inflate exactly as the Array it equals, or a SuperLink
+    could not read fedsim's replies."""
+    value = np.random.default_rng(2).normal(size=(300, 70)).astype(np.float32)
+    fast, plain = numpy_to_array(value), Array(value)
+    assert fast.deflate() == plain.deflate()
+    assert fast.object_id == plain.object_id
+    back = Array.inflate(fast.deflate(), fast.children)
+    assert type(back) is Array and back.data == plain.data
