@@ -11,16 +11,21 @@ For each client count N the benchmark runs the same R rounds twice:
   per client message; ``sharded`` calls each Ray worker once per round with all
   of its clients' messages.
 
-It prints the ideal per-round time, fedsim's median training-phase time per
-round after the first (start-up excluded), the start-up time (from the call
-until round 1 starts: Ray, actors, node discovery, round-0 evaluation), the
-ratio of the two round times, and the peak resident memory of the whole process
-tree (driver, Ray daemons and workers). It ends with one JSON line per N.
+It prints the ideal per-round time; fedsim's median training-phase time per
+round after the first (``train_seconds``: the clients, the screening of their
+replies and the strategy's aggregation; start-up excluded) and, of it, the
+client phase (``client_seconds``: from sending the train messages until the
+last reply is in this process); the start-up time (from the call until round 1
+starts: Ray, actors, node discovery, round-0 evaluation); the ratio of the
+round time to the ideal (``ratio``, the target) and of the client phase to it
+(``client ratio``); and the peak resident memory of the whole process tree
+(driver, Ray daemons and workers). It ends with one JSON line per N.
 
 Usage::
 
     python benchmarks/sim_overhead.py --clients 10 100 --rounds 5
     python benchmarks/sim_overhead.py --clients 1000 --fraction 0.1
+    python benchmarks/sim_overhead.py --clients 100 --set client.epochs=5
     python benchmarks/sim_overhead.py --gpu 0.25     # GPU check: 4 clients per GPU
 """
 
@@ -146,9 +151,13 @@ def run_case(
 
     with PeakMemory() as memory:
         results = run(exp, progress=progress)
-    train_times = [float(r["train_seconds"]) for r in results.rounds[1:]]
-    steady = train_times[1:] if len(train_times) > 1 else train_times
-    round_s = statistics.median(steady)
+
+    def steady_median(key: str) -> float:
+        times = [float(r[key]) for r in results.rounds[1:]]
+        return statistics.median(times[1:] if len(times) > 1 else times)
+
+    round_s = steady_median("train_seconds")
+    client_s = steady_median("client_seconds")
     first_round_start = marks[0]
     return {
         "engine": engine,
@@ -157,8 +166,10 @@ def run_case(
         "rounds": rounds,
         "ideal_round_s": round(ideal, 4),
         "round_s": round(round_s, 4),
+        "client_s": round(client_s, 4),
         "startup_s": round(first_round_start - started, 2),
         "ratio": round(round_s / ideal, 3),
+        "client_ratio": round(client_s / ideal, 3),
         "peak_rss_gib": round(memory.peak / 2**30, 3),
     }
 
@@ -193,6 +204,14 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--engines", nargs="+", default=["flower", "sharded"])
     parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="further experiment overrides for every run and the ideal "
+        "(e.g. client.epochs=5)",
+    )
+    parser.add_argument(
         "--gpu",
         type=float,
         default=0.0,
@@ -201,6 +220,7 @@ def main() -> None:
         "share one GPU); the ideal runs on CUDA too",
     )
     args = parser.parse_args()
+    EXTRA.extend(args.set)
     if args.gpu:
         EXTRA.extend(
             ["client.device=cuda", f"simulation.client_resources.num_gpus={args.gpu}"]
@@ -214,14 +234,16 @@ def main() -> None:
             )
     print()
     print(
-        f"{'engine':>8} {'clients':>8} {'cohort':>7} {'ideal s/round':>14} "
-        f"{'fedsim s/round':>15} {'start-up s':>11} {'ratio':>6} {'peak GiB':>9}"
+        f"{'engine':>10} {'clients':>8} {'cohort':>7} {'ideal s/round':>14} "
+        f"{'fedsim s/round':>15} {'clients s':>10} {'start-up s':>11} "
+        f"{'ratio':>6} {'client ratio':>13} {'peak GiB':>9}"
     )
     for r in rows:
         print(
-            f"{r['engine']:>8} {r['clients']:>8} {r['cohort']:>7} "
+            f"{r['engine']:>10} {r['clients']:>8} {r['cohort']:>7} "
             f"{r['ideal_round_s']:>14.3f} {r['round_s']:>15.3f} "
-            f"{r['startup_s']:>11.1f} {r['ratio']:>6.2f} {r['peak_rss_gib']:>9.2f}"
+            f"{r['client_s']:>10.3f} {r['startup_s']:>11.1f} {r['ratio']:>6.2f} "
+            f"{r['client_ratio']:>13.2f} {r['peak_rss_gib']:>9.2f}"
         )
     for r in rows:
         print(json.dumps(r))

@@ -236,7 +236,9 @@ class ServerLoop:
             record["clients"] = sorted(
                 grid.partition_of(m.metadata.dst_node_id) for m in messages
             )
+            clients_started = time.perf_counter()
             replies = list(grid.send_and_receive(messages, timeout=timeout))
+            record["client_seconds"] = time.perf_counter() - clients_started
             accepted, rejected = self._screen(replies, arrays, grid)
             new_arrays, metrics = self.strategy.aggregate_train(rnd, accepted)
         stats = grid.take_stats()

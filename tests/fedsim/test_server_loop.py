@@ -39,10 +39,15 @@ def test_results_files_and_records(tmp_path: Path) -> None:
             "num_replies",
             "num_failures",
             "round_seconds",
+            "train_seconds",
+            "client_seconds",
             "bytes_sent",
             "bytes_received",
         ):
             assert key in rec, key
+        # the phases nest: clients within training within the round
+        assert 0 < rec["client_seconds"] <= rec["train_seconds"]
+        assert rec["train_seconds"] <= rec["round_seconds"]
         assert rec["num_replies"] == 4 and rec["num_failures"] == 0
         assert rec["clients"] == [0, 1, 2, 3]
     assert data["final"]["test_accuracy"] == data["rounds"][-1]["test_accuracy"]
