@@ -14,10 +14,11 @@ phases of messages; this module answers them on the ClientApp:
     patch_client`), freeze every tensor matched so far, retrain the rest,
     keep the state and the assignment.
 
-Between phases and rounds the client keeps, in its ``context.state``, its
-current model state, its assignment to the global units and the round whose
-matching the assignment belongs to; a client that missed part of a matching
-starts the next round from the whole global model.
+Between the phases of a round the client keeps its current model state in its
+``context.state``. Nothing is kept between rounds: its assignment into the
+global model comes with the next round's ``train.fedma_local`` message (the
+server holds it, and checkpoints it), and a client that missed part of a
+matching gets none and starts from the whole global model.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import (
-    Array,
     ArrayRecord,
     ConfigRecord,
     Context,
@@ -90,7 +90,7 @@ def register_fedma(app: ClientApp, data: NodeOf) -> None:
         config: dict[str, Any] = dict(msg.content.get("config", {}))
         apply_fault(config)
         state = _incoming(msg, context)
-        own = _own_assignment(context, int(config.get("fedma-tag", -1)))
+        own = _own_assignment(msg)
         if own is not None:
             spec = models.permutation_spec(models.fit_to_state(_template(e), state))
             if set(own) == set(spec.names()):
@@ -108,10 +108,7 @@ def register_fedma(app: ClientApp, data: NodeOf) -> None:
 
             context.state[LOCAL_STATE_KEY] = state_to_record(update.state, local)
         context.state[STATE_RECORD] = state_to_record(update.state)
-        context.state[ASSIGN_RECORD] = ArrayRecord()
-        context.state[META_RECORD] = ConfigRecord(
-            {"shared": shared, "assign-round": _round(config)}
-        )
+        context.state[META_RECORD] = ConfigRecord({"shared": shared})
         return _reply(msg, update.state, shared, update.metrics, node)
 
     @app.train(ACTION_LAYER)
@@ -142,9 +139,6 @@ def register_fedma(app: ClientApp, data: NodeOf) -> None:
             p.requires_grad_(name not in frozen)
         trained, metrics = _retrain(e, node, model, config)
         context.state[STATE_RECORD] = state_to_record(trained)
-        owned = context.state[ASSIGN_RECORD]
-        assert isinstance(owned, ArrayRecord)
-        owned[group] = Array(assignment)
         shared = [str(k) for k in meta["shared"]]  # type: ignore[union-attr]
         return _reply(msg, trained, shared, metrics, node)
 
@@ -230,13 +224,10 @@ def _reply(
     return Message(content, reply_to=msg)
 
 
-def _own_assignment(context: Context, tag: int) -> dict[str, np.ndarray] | None:
-    """This client's assignment into the global model matched in round ``tag``."""
-    meta = context.state.get(META_RECORD)
-    owned = context.state.get(ASSIGN_RECORD)
-    if not isinstance(meta, ConfigRecord) or not isinstance(owned, ArrayRecord):
-        return None
-    if int(meta.get("assign-round", -2)) != tag or not len(owned):  # type: ignore[arg-type]
+def _own_assignment(msg: Message) -> dict[str, np.ndarray] | None:
+    """This client's assignment into the global model, if the message has one."""
+    owned = msg.content.get(ASSIGN_RECORD)
+    if not isinstance(owned, ArrayRecord) or not len(owned):
         return None
     return {k: v.numpy().astype(np.int64) for k, v in record_to_state(owned).items()}
 

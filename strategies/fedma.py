@@ -4,10 +4,11 @@ Wang et al., "Federated Learning with Matched Averaging", ICLR 2020
 (arXiv:2002.06440). One communication round is several phases of messages
 (fedsim's server loop calls :meth:`FedMA.run_round`):
 
-0. ``train.fedma_local``: every sampled client gets the global model, cuts
-   its own units back out if it took part in the matching that made it
-   (FedMA's ``reconstruct_local_net``), trains the whole model locally and
-   sends it back.
+0. ``train.fedma_local``: every sampled client gets the global model and,
+   if it took part in the whole matching that made it, its assignment to the
+   global units, cuts its own units back out (FedMA's
+   ``reconstruct_local_net``), trains the whole model locally and sends it
+   back.
 1. For every permutation group of the model, input side first (FedMA's
    bottom-up order; a conv with its BatchNorm, a hidden layer, a GroupSort
    block, ...): the server matches the group across the clients' current
@@ -26,10 +27,12 @@ Wang et al., "Federated Learning with Matched Averaging", ICLR 2020
 The global model comes back at the matched widths (capped by ``max_growth``
 times the widest client); server-owned tensors whose shapes depend on a
 width that changed are re-initialised by the model factory at the new widths
-(clients never send them). Clients keep their assignment in their own
-``context.state``. A client whose reply fails in some phase drops out of the
-rest of the round (and next round trains the whole global model); if none
-is left the round keeps the previous global model. Matching defaults are
+(clients never send them). The server keeps every client's assignment (by
+partition id) as strategy state, so a checkpoint holds it and a resumed run
+continues exactly; clients keep nothing between rounds. A client whose reply
+fails in some phase drops out of the rest of the round (and next round trains
+the whole global model); if none is left the round keeps the previous global
+model. Matching defaults are
 FedMA's: ``gamma=7``, ``sigma2=sigma0_2=1``, 5 sweeps.
 """
 
@@ -155,6 +158,9 @@ class FedMA(FedAvg):
         self.roles = models.tensor_roles(template)
         self.buffers = {name for name, _ in template.named_buffers()}
         self.tag = 0  # round whose matching made the current global model
+        #: partition id -> group -> the client's units in the current global
+        #: model, for the clients that took part in that whole matching
+        self.assignments: dict[int, dict[str, np.ndarray]] = {}
         #: one entry per phase: round, phase, group, width, clients, seconds,
         #: client_widths (node -> widths of the model it sent back)
         self.history: list[dict[str, Any]] = []
@@ -177,15 +183,16 @@ class FedMA(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """One FedMA round: local training, one phase per group, averaging."""
         sampled = list(self.configure_train(server_round, arrays, config, grid))
-        local = ConfigRecord(
-            {**dict(config), "server-round": server_round, "fedma-tag": self.tag}
-        )
-        content = RecordDict({"arrays": arrays, "config": local})
+        local = ConfigRecord({**dict(config), "server-round": server_round})
         started = time.perf_counter()
         replies = grid.send_and_receive(
             [
-                Message(content, m.metadata.dst_node_id, f"train.{ACTION_LOCAL}")
-                for m in sampled
+                Message(
+                    self._local_content(arrays, local, _partition(grid, node)),
+                    node,
+                    f"train.{ACTION_LOCAL}",
+                )
+                for node in (m.metadata.dst_node_id for m in sampled)
             ]
         )
         clients, losses = self._accept(replies, arrays, grid, {})
@@ -196,6 +203,7 @@ class FedMA(FedAvg):
         rng = np.random.default_rng(derive_seed(self.seed, server_round, _MATCH_TAG))
         widths: dict[str, int] = {}
         frozen: State = {}
+        matched: dict[int, dict[str, np.ndarray]] = {}  # node -> group -> units
         for phase, group in enumerate(names, start=1):
             started = time.perf_counter()
             states = [c.state for c in clients.values()]
@@ -226,6 +234,8 @@ class FedMA(FedAvg):
                 }
             )
             frozen_record = state_to_record(step.frozen)
+            for node, a in zip(clients, step.assignments, strict=True):
+                matched.setdefault(node, {})[group] = np.asarray(a, dtype=np.int64)
             messages = [
                 Message(
                     RecordDict(
@@ -260,12 +270,24 @@ class FedMA(FedAvg):
         out = {k: merged[k] for k in arrays.keys()}
         out.update(self._resized_server_state(out, grid))
         self.tag = server_round
+        self.assignments = {_partition(grid, n): matched[n] for n in clients}
         metrics: dict[str, Any] = (
             {"train_loss": float(np.mean(losses))} if losses else {}
         )
         return state_to_record(out), MetricRecord(metrics)
 
     # -- helpers ----------------------------------------------------------------
+    def _local_content(
+        self, arrays: ArrayRecord, config: ConfigRecord, partition: int
+    ) -> RecordDict:
+        """Phase 0's message: the global model, with the client's assignment
+        into it when the client took part in the whole matching that made it."""
+        content = RecordDict({"arrays": arrays, "config": config})
+        own = self.assignments.get(partition)
+        if own:
+            content[ASSIGN_RECORD] = ArrayRecord({g: Array(a) for g, a in own.items()})
+        return content
+
     def _resized_server_state(self, state: State, grid: Grid) -> State:
         """Server-owned tensors that no longer fit the matched widths, rebuilt.
 
@@ -356,6 +378,12 @@ class FedMA(FedAvg):
                 },
             }
         )
+
+
+def _partition(grid: Grid, node: int) -> int:
+    """The partition id of ``node`` (stable across runs, unlike node ids)."""
+    partition_of = getattr(grid, "partition_of", None)
+    return int(partition_of(node)) if partition_of is not None else int(node)
 
 
 def _check(

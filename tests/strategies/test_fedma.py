@@ -8,10 +8,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from clients.client_app import build_client_app
 from fedsim import models, tasks
+from fedsim.checkpoint import load_checkpoint
 from fedsim.config import compose, from_dictconfig
 from fedsim.exceptions import ConfigError
 from fedsim.faults import FAULT_KEY
@@ -20,7 +22,7 @@ from fedsim.inprocess import InProcessGrid
 from fedsim.matching.fedma import ASSIGN_RECORD
 from fedsim.models import tensor_roles
 from fedsim.params import record_to_state, split_roles, state_to_record
-from fedsim.runner import run
+from fedsim.runner import resume, run
 from fedsim.server_app import prepare
 from fedsim.train import evaluate
 from strategies.fedma import FedMA
@@ -140,13 +142,25 @@ def test_a_round_runs_one_phase_per_group_and_survives_a_failing_client(
     test = setup["splits"].test
     accuracy = evaluate(merged, test.x, test.y, _task())["accuracy"]
     assert accuracy > 0.5  # one round, chance is 0.1
-    # the survivors keep their whole assignment, the crashed client only part
+    # the server keeps the survivors' whole assignments; the crashed client,
+    # which missed part of the matching, has none
     inner = setup["inner"]
-    held = {
-        int(ctx.node_config["partition-id"]): set(ctx.state[ASSIGN_RECORD].keys())
-        for ctx in inner.contexts.values()
+    assert {p: set(own) for p, own in strategy.assignments.items()} == {
+        0: set(GROUPS),
+        2: set(GROUPS),
     }
-    assert held == {0: set(GROUPS), 1: {"conv.0"}, 2: set(GROUPS)}
+    # and sends each its own with the next round's first message
+    grid = setup["grid"]
+    for pid in (0, 1, 2):
+        content = strategy._local_content(arrays, ConfigRecord(), pid)
+        sent = content.get(ASSIGN_RECORD)
+        assert (sent is not None) == (pid != 1)
+        if sent is not None:
+            for group in GROUPS:
+                np.testing.assert_array_equal(
+                    sent[group].numpy(), strategy.assignments[pid][group]
+                )
+    assert [grid.partition_of(n) for n in grid.get_node_ids()] == [0, 1, 2]
     # next round: the survivors train their own slices, the crashed client the
     # whole global model; all three are matched again
     setup["grid"].decorate = None
@@ -161,11 +175,11 @@ def test_a_round_runs_one_phase_per_group_and_survives_a_failing_client(
     start = {"conv.0": 8, "conv.1": 16, "hidden.0": 32}
     assert sent_back[0] == sent_back[2] == start
     assert sent_back[1] == widths != start  # the matching grew the model
-    for ctx in inner.contexts.values():
-        own = record_to_state(ctx.state[ASSIGN_RECORD])
-        for group in GROUPS:
-            a = own[group].numpy()
-            assert len(np.unique(a)) == len(a)
+    assert sorted(strategy.assignments) == [0, 1, 2]
+    for pid, own in strategy.assignments.items():
+        for group in GROUPS:  # each of the client's units to its own global unit
+            a = own[group]
+            assert len(np.unique(a)) == len(a) == sent_back[pid][group]
 
 
 def test_a_round_where_every_client_fails_keeps_the_model(tmp_path: Path) -> None:
@@ -176,6 +190,28 @@ def test_a_round_where_every_client_fails_keeps_the_model(tmp_path: Path) -> Non
     )
     assert arrays is None and metrics is None
     assert strategy.tag == 0  # the global model was not replaced
+    assert strategy.assignments == {}
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path: Path) -> None:
+    """The clients' assignments live in the checkpointed strategy, so after a
+    resume the clients of the last matching still train their own slices."""
+    common = [*SMALL, "num_clients=3", "seed=3"]
+    run([*common, "num_rounds=3", f"output_dir={tmp_path / 'full'}"])
+    run([*common, "num_rounds=2", f"output_dir={tmp_path / 'cut'}"])
+    kept = load_checkpoint(tmp_path / "cut").strategy
+    assert isinstance(kept, FedMA) and sorted(kept.assignments) == [0, 1, 2]
+    resumed = resume(tmp_path / "cut", num_rounds=3, progress=lambda r: None)
+    a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "cut")
+    assert a.server_round == b.server_round == 3
+    assert a.global_state.keys() == b.global_state.keys()
+    for key, value in a.global_state.items():
+        assert torch.equal(value, b.global_state[key]), key
+    full = json.loads((tmp_path / "full" / "results.json").read_text())["rounds"]
+    assert [r["test_accuracy"] for r in full] == [
+        r["test_accuracy"] for r in resumed.rounds
+    ]
+    assert full[3]["widths"] == resumed.rounds[3]["widths"]
 
 
 def test_bad_options_fail_with_one_sentence() -> None:
