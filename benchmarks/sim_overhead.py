@@ -18,8 +18,12 @@ client phase (``client_seconds``: from sending the train messages until the
 last reply is in this process); the start-up time (from the call until round 1
 starts: Ray, actors, node discovery, round-0 evaluation); the ratio of the
 round time to the ideal (``ratio``, the target) and of the client phase to it
-(``client ratio``); and the peak resident memory of the whole process tree
-(driver, Ray daemons and workers). It ends with one JSON line per N.
+(``client ratio``); the CPU seconds the whole process tree (driver, Ray daemons
+and workers) uses per whole round (training, evaluation, checkpoint) and that
+divided by the cores and the ideal (``cpu ratio``: what a whole round's ratio
+would be with its work spread perfectly over the cores, so the work itself,
+not waiting, when it is above 1.5); and the peak resident memory of the
+process tree. It ends with one JSON line per N.
 
 Usage::
 
@@ -44,8 +48,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def tree_rss_bytes(root_pid: int) -> int:
-    """Resident memory of ``root_pid`` and all its descendants (Linux /proc)."""
+def tree_pids(root_pid: int) -> set[int]:
+    """``root_pid`` and all its descendants (Linux /proc)."""
     parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -63,15 +67,34 @@ def tree_rss_bytes(root_pid: int) -> int:
             if parent == pid and child not in family:
                 family.add(child)
                 frontier.append(child)
+    return family
+
+
+def tree_rss_bytes(root_pid: int) -> int:
+    """Resident memory of ``root_pid`` and all its descendants."""
     page = os.sysconf("SC_PAGE_SIZE")
     total = 0
-    for pid in family:
+    for pid in tree_pids(root_pid):
         try:
             with open(f"/proc/{pid}/statm") as fh:
                 total += int(fh.read().split()[1]) * page
         except (OSError, IndexError, ValueError):
             continue
     return total
+
+
+def tree_cpu_seconds(root_pid: int) -> float:
+    """CPU time (user + system) used so far by the living process tree."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in tree_pids(root_pid):
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / ticks
 
 
 class PeakMemory:
@@ -144,10 +167,12 @@ def run_case(
     )
 
     marks: dict[int, float] = {}
+    cpu: dict[int, float] = {}
     started = time.perf_counter()
 
     def progress(record: dict) -> None:
         marks[int(record["round"])] = time.perf_counter()
+        cpu[int(record["round"])] = tree_cpu_seconds(os.getpid())
 
     with PeakMemory() as memory:
         results = run(exp, progress=progress)
@@ -159,6 +184,10 @@ def run_case(
     round_s = steady_median("train_seconds")
     client_s = steady_median("client_seconds")
     first_round_start = marks[0]
+    # CPU seconds the whole process tree uses per round (rounds 2..R, each
+    # whole: training, evaluation, checkpoint)
+    last = max(cpu)
+    cpu_round = (cpu[last] - cpu[1]) / max(1, last - 1)
     return {
         "engine": engine,
         "clients": clients,
@@ -170,6 +199,8 @@ def run_case(
         "startup_s": round(first_round_start - started, 2),
         "ratio": round(round_s / ideal, 3),
         "client_ratio": round(client_s / ideal, 3),
+        "cpu_round_s": round(cpu_round, 4),
+        "cpu_ratio": round(cpu_round / cpus / ideal, 3),
         "peak_rss_gib": round(memory.peak / 2**30, 3),
     }
 
@@ -236,14 +267,16 @@ def main() -> None:
     print(
         f"{'engine':>10} {'clients':>8} {'cohort':>7} {'ideal s/round':>14} "
         f"{'fedsim s/round':>15} {'clients s':>10} {'start-up s':>11} "
-        f"{'ratio':>6} {'client ratio':>13} {'peak GiB':>9}"
+        f"{'ratio':>6} {'client ratio':>13} {'cpu s/round':>12} {'cpu ratio':>10} "
+        f"{'peak GiB':>9}"
     )
     for r in rows:
         print(
             f"{r['engine']:>10} {r['clients']:>8} {r['cohort']:>7} "
             f"{r['ideal_round_s']:>14.3f} {r['round_s']:>15.3f} "
             f"{r['client_s']:>10.3f} {r['startup_s']:>11.1f} {r['ratio']:>6.2f} "
-            f"{r['client_ratio']:>13.2f} {r['peak_rss_gib']:>9.2f}"
+            f"{r['client_ratio']:>13.2f} {r['cpu_round_s']:>12.3f} "
+            f"{r['cpu_ratio']:>10.2f} {r['peak_rss_gib']:>9.2f}"
         )
     for r in rows:
         print(json.dumps(r))
