@@ -58,8 +58,10 @@ WORKER_MALLOC = {
 
 
 def _init_ray(ray: Any, init_args: dict[str, Any]) -> None:
-    """``ray.init`` with fedsim's worker environment (:data:`WORKER_MALLOC`)."""
-    ray.init(runtime_env={"env_vars": dict(WORKER_MALLOC)}, **init_args)
+    """``ray.init`` with fedsim's worker environment (:data:`WORKER_MALLOC`;
+    a value already set in this process's environment wins)."""
+    env = {key: os.environ.get(key, value) for key, value in WORKER_MALLOC.items()}
+    ray.init(runtime_env={"env_vars": env}, **init_args)
 
 
 def backend_config(exp: ExperimentConfig) -> dict[str, Any]:
