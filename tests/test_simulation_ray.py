@@ -75,3 +75,28 @@ def test_sharded_engine_equals_the_in_process_engine(tmp_path: Path) -> None:
         assert a.get("clients") == b.get("clients")
         assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-6)
     assert [r["num_replies"] for r in sharded.rounds[1:]] == [3, 3]
+
+
+def test_ray_workers_get_the_malloc_settings_unless_the_user_set_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fedsim import simulation
+    from fedsim.config import compose, from_dictconfig
+
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "12345")  # the user's own choice
+    exp = from_dictconfig(compose(["num_clients=2"]))
+    ray, started = simulation._open_ray(exp)
+    assert started
+    try:
+
+        @ray.remote(num_cpus=1)
+        def environment() -> dict[str, str | None]:
+            import os
+
+            return {key: os.environ.get(key) for key in simulation.WORKER_MALLOC}
+
+        seen = ray.get(environment.remote())
+    finally:
+        ray.shutdown()
+    expected = dict(simulation.WORKER_MALLOC, MALLOC_TOP_PAD_="12345")
+    assert seen == expected
