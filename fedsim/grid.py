@@ -28,9 +28,18 @@ from flwr.serverapp import Grid
 from fedsim.exceptions import ConfigError
 from fedsim.params import SERVER_STATE_KEY, payload_bytes
 
-__all__ = ["FedsimGrid", "NodeInfo", "PhaseStats"]
+__all__ = ["FedsimGrid", "NodeInfo", "PhaseStats", "partition_id"]
 
 HELLO = "query.hello"
+
+
+def partition_id(grid: Grid, node_id: int) -> int:
+    """The partition id of ``node_id`` on ``grid``: what a strategy should key
+    per-client state by, since node ids change from run to run (a resumed run
+    too) under Flower's runtimes. A grid that is not a :class:`FedsimGrid`
+    gives the node id itself."""
+    partition_of = getattr(grid, "partition_of", None)
+    return int(partition_of(node_id)) if partition_of is not None else int(node_id)
 
 
 @dataclass(frozen=True)

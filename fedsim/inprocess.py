@@ -48,6 +48,8 @@ class InProcessGrid(Grid):
 
     #: clients run inside send_and_receive; FedsimGrid lets it apply timeouts
     synchronous = True
+    #: node ``i`` gets id ``first_node_id + 7 * i`` (ids mean nothing in Flower)
+    first_node_id = 1000
 
     def __init__(
         self,
@@ -57,7 +59,7 @@ class InProcessGrid(Grid):
     ) -> None:
         self.client_app = client_app
         # node ids are arbitrary in Flower; keep them unrelated to partition ids
-        self.node_ids = [1000 + 7 * i for i in range(num_nodes)]
+        self.node_ids = [self.first_node_id + 7 * i for i in range(num_nodes)]
         self.contexts = {
             node_id: Context(
                 run_id=0,

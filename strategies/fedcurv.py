@@ -26,6 +26,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedsim.exceptions import ConfigError
+from fedsim.grid import partition_id
 from fedsim.matching.permspec import PermutationSpec, select_units
 from fedsim.params import state_to_record
 from fedsim.plasticity import (
@@ -69,15 +70,17 @@ class FedCurv(FedAvg):
             )
         self.lam = lam
         self.fisher_samples = fisher_samples
-        #: previous round's clients: node id -> (Fisher, trained weights)
+        #: previous round's clients: partition id -> (Fisher, trained weights)
         self.previous: dict[int, tuple[Tensors, Tensors]] = {}
         self.sums: CurvatureSums | None = None
+        #: this round's sampled nodes: node id -> partition id
+        self._partitions: dict[int, int] = {}
 
-    def sums_for(self, node_id: int) -> CurvatureSums | None:
-        """The sums over last round's clients other than ``node_id``."""
+    def sums_for(self, partition: int) -> CurvatureSums | None:
+        """The sums over last round's clients other than partition ``partition``."""
         if self.sums is None:
             return None
-        own = self.previous.get(node_id)
+        own = self.previous.get(partition)
         return self.sums if own is None else leave_out(self.sums, *own)
 
     def configure_train(
@@ -87,6 +90,10 @@ class FedCurv(FedAvg):
         config[FEDCURV_LAMBDA] = float(self.lam)
         config[FISHER_SAMPLES] = int(self.fisher_samples)
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._partitions = {
+            m.metadata.dst_node_id: partition_id(grid, m.metadata.dst_node_id)
+            for m in messages
+        }
         if self.sums is not None and not fits(self.sums.precision, arrays):
             self.previous, self.sums = {}, None
         if self.sums is None:
@@ -94,7 +101,7 @@ class FedCurv(FedAvg):
         out = []
         for message in messages:
             node = message.metadata.dst_node_id
-            sums = self.sums_for(node)
+            sums = self.sums_for(self._partitions[node])
             assert sums is not None
             own_config = ConfigRecord(dict(config))
             own_config[FEDCURV_CONST] = float(sums.const)
@@ -123,7 +130,10 @@ class FedCurv(FedAvg):
         taken = take_fisher(replies)
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None and taken:
-            self.previous = {c.node_id: (c.fisher, c.weights) for c in taken}
+            self.previous = {
+                self._partitions.get(c.node_id, c.node_id): (c.fisher, c.weights)
+                for c in taken
+            }
             self._sum()
         return arrays, metrics
 
@@ -141,11 +151,11 @@ class FedCurv(FedAvg):
         if not self.previous:
             return
         self.previous = {
-            node: (
+            partition: (
                 select_units(f, spec, group, keep),
                 select_units(w, spec, group, keep),
             )
-            for node, (f, w) in self.previous.items()
+            for partition, (f, w) in self.previous.items()
         }
         self._sum()
 

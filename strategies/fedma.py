@@ -53,6 +53,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedsim import models
 from fedsim.exceptions import ConfigError
+from fedsim.grid import partition_id
 from fedsim.matching.bbp import Popularity
 from fedsim.matching.fedma import (
     ACTION_LAYER,
@@ -188,7 +189,7 @@ class FedMA(FedAvg):
         replies = grid.send_and_receive(
             [
                 Message(
-                    self._local_content(arrays, local, _partition(grid, node)),
+                    self._local_content(arrays, local, partition_id(grid, node)),
                     node,
                     f"train.{ACTION_LOCAL}",
                 )
@@ -270,7 +271,7 @@ class FedMA(FedAvg):
         out = {k: merged[k] for k in arrays.keys()}
         out.update(self._resized_server_state(out, grid))
         self.tag = server_round
-        self.assignments = {_partition(grid, n): matched[n] for n in clients}
+        self.assignments = {partition_id(grid, n): matched[n] for n in clients}
         metrics: dict[str, Any] = (
             {"train_loss": float(np.mean(losses))} if losses else {}
         )
@@ -378,12 +379,6 @@ class FedMA(FedAvg):
                 },
             }
         )
-
-
-def _partition(grid: Grid, node: int) -> int:
-    """The partition id of ``node`` (stable across runs, unlike node ids)."""
-    partition_of = getattr(grid, "partition_of", None)
-    return int(partition_of(node)) if partition_of is not None else int(node)
 
 
 def _check(

@@ -257,6 +257,50 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None
     assert resumed.final["status"] == "completed"
 
 
+STATEFUL = {
+    # server optimiser moments
+    "fedadam": ["model.hidden=[16]"],
+    # every client's Fisher and weights, by partition
+    "fedcurv": ["model.hidden=[16]", "strategy.fisher_samples=32"],
+    # the averaged Fisher
+    "fedavg_wpl": ["model.hidden=[16]", "strategy.fisher_samples=32"],
+    # each client's assignment to the global units, and the widths
+    "pfnm": ["model.hidden=[16]", "client.epochs=2"],
+    "fedma": ["model=cnn", "model.channels=[8,16]", "model.hidden=[32]"],
+}
+
+
+@pytest.mark.parametrize("strategy", sorted(STATEFUL))
+def test_a_resumed_run_equals_an_uninterrupted_one_under_new_node_ids(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strategy: str
+) -> None:
+    """A strategy's per-client state must survive a restart in its checkpoint,
+    keyed by partition id: a resumed run's nodes have new ids, as under
+    Flower's runtimes."""
+    common = [
+        "dataset=digits",
+        "simulation.engine=inprocess",
+        "num_clients=3",
+        "client.lr=0.05",
+        "seed=5",
+        f"strategy={strategy}",
+        *STATEFUL[strategy],
+    ]
+    run([*common, "num_rounds=3", f"output_dir={tmp_path / 'full'}"])
+    run([*common, "num_rounds=2", f"output_dir={tmp_path / 'cut'}"])
+    monkeypatch.setattr(InProcessGrid, "first_node_id", 5003)
+    resumed = resume(tmp_path / "cut", num_rounds=3, progress=lambda r: None)
+    a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "cut")
+    assert a.server_round == b.server_round == 3
+    assert a.global_state.keys() == b.global_state.keys()
+    for key, value in a.global_state.items():
+        assert torch.equal(value, b.global_state[key]), key
+    full = json.loads((tmp_path / "full" / "results.json").read_text())["rounds"]
+    for x, y in zip(full, resumed.rounds, strict=True):
+        assert x["test_accuracy"] == y["test_accuracy"]
+        assert x.get("widths") == y.get("widths")
+
+
 def test_resume_refuses_a_finished_run_and_a_non_run(tmp_path: Path) -> None:
     from fedsim.exceptions import ConfigError
 
