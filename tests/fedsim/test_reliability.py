@@ -267,6 +267,8 @@ STATEFUL = {
     # each client's assignment to the global units, and the widths
     "pfnm": ["model.hidden=[16]", "client.epochs=2"],
     "fedma": ["model=cnn", "model.channels=[8,16]", "model.hidden=[32]"],
+    # PFNM's state and each client's Fisher in its own units
+    "pfnm_wpl": ["model.hidden=[16]", "strategy.fisher_samples=32"],
 }
 
 
