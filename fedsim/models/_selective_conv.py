@@ -18,7 +18,7 @@ useful channels and :meth:`SelectiveConv2d.reallocate` reopens every closed slot
 as a shifted copy of one of the ``top_k`` most useful channels, with its conv
 weights zeroed so that the layer computes exactly the same function. In
 federated training only the server runs these two steps, on the aggregated
-model (see :mod:`fedsim.models.selective`).
+model (see :mod:`fedsim.models._selective_net`).
 """
 
 from __future__ import annotations

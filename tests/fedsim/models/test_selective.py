@@ -19,7 +19,8 @@ from fedsim.models._selective_conv import (
     expected_relu,
     shift_channels,
 )
-from fedsim.models.selective import SelectiveDenseNet, SelectiveResNet
+from fedsim.models.selective_densenet import SelectiveDenseNet
+from fedsim.models.selective_resnet import SelectiveResNet
 from tests.fedsim.models._helpers import adam_steps, digit_images
 from tests.support import SMALL_BUILD, max_output_change, perturb_state
 
