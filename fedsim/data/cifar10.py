@@ -93,7 +93,26 @@ def _download(root: Path) -> None:
     archive = root / "cifar-10-python.tar.gz"
     fetch([ARCHIVE_URL], archive, md5=ARCHIVE_MD5)
     with tarfile.open(archive, "r:gz") as tar:
+        _extract(tar, root, archive)
+
+
+def _extract(tar: tarfile.TarFile, root: Path, archive: Path) -> None:
+    """Extract ``tar`` under ``root``: regular files and folders only, none
+    outside ``root``. Python 3.11.4+ has tarfile's ``data`` filter for this;
+    earlier 3.11 releases get the same check here."""
+    if hasattr(tarfile, "data_filter"):
         tar.extractall(root, filter="data")
+        return
+    base = root.resolve()
+    members = tar.getmembers()
+    for member in members:
+        inside = (base / member.name).resolve().is_relative_to(base)
+        if not inside or not (member.isfile() or member.isdir()):
+            raise DataError(
+                f"{archive} has member {member.name!r}, which is not a file or "
+                f"folder under {root}; refusing to extract it"
+            )
+    tar.extractall(root, members=members)  # every member checked above
 
 
 @DATASETS.register("cifar10")

@@ -388,9 +388,12 @@ def test_cifar10_refuses_a_pickle_that_runs_code(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("data_filter", [True, False], ids=["filter", "no-filter"])
 def test_cifar10_download_extracts_the_archive(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_filter: bool
 ) -> None:
+    if not data_filter:  # Python 3.11.0-3.11.3 have no tarfile.data_filter
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
     batches = _write_cifar(tmp_path / "build" / "cifar-10-batches-py")
     archive = tmp_path / "served" / "cifar-10-python.tar.gz"
     archive.parent.mkdir()
@@ -404,6 +407,23 @@ def test_cifar10_download_extracts_the_archive(
     splits = data.load("cifar10", data_dir=str(data_dir), download=True)
     assert (data_dir / "cifar-10-batches-py" / "test_batch").is_file()
     assert splits.test.y.tolist() == batches["test_batch"][1]
+
+
+def test_cifar10_refuses_an_archive_member_outside_the_data_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    evil = tmp_path / "evil.txt"
+    evil.write_text("x")
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(evil, arcname="../escaped.txt")
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    with tarfile.open(archive, "r:gz") as tar, pytest.raises(DataError) as exc:
+        cifar10_module._extract(tar, data_dir, archive)
+    assert "'../escaped.txt'" in str(exc.value)
+    assert not (tmp_path / "escaped.txt").exists()
 
 
 def test_cifar10_missing_or_malformed_batches(tmp_path: Path) -> None:
