@@ -140,7 +140,7 @@ class VectorizedConfig:
     """How ``simulation.engine=vectorized`` shards and chunks a cohort."""
 
     shards: int = 0  # shards per round; 0 = one per GPU / Ray node, else 1
-    shard_cpus: int = 0  # torch threads per shard; 0 = a client's CPU share
+    shard_cpus: int = 0  # torch threads per shard; 0 = the CPUs clients would share
     max_chunk: int = 0  # most clients per batched call; 0 = fit device memory
     memory_fraction: float = 0.5  # share of free device memory one chunk may use
 

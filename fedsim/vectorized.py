@@ -17,7 +17,8 @@ on a single GPU), or one Ray actor per GPU or CPU group
 Ray cluster (``simulation.ray_address``) or ``shards > 1`` in
 ``simulation.vectorized`` (:class:`fedsim.config.VectorizedConfig`). Inside a
 shard, clients train in chunks sized to the device memory (on CPU also to its
-caches), with ``shard_cpus`` torch threads.
+caches), with ``shard_cpus`` torch threads (0: the in-process shard gets the
+CPUs the clients would share, a Ray shard its part of the cluster's).
 
 Whatever cannot be batched exactly trains one client at a time through the
 ClientApp, as under ``simulation.engine=inprocess``; each reason is logged
@@ -73,6 +74,12 @@ log = logging.getLogger("fedsim")
 
 TRAIN = "train"
 EVALUATE = "evaluate"
+
+
+def _local_cpus(exp: ExperimentConfig) -> int:
+    """CPUs the clients of a local simulation share: ``simulation.ray_num_cpus``,
+    else this machine's (what a locally started Ray would have)."""
+    return max(1, exp.simulation.ray_num_cpus or os.cpu_count() or 1)
 
 
 @dataclass
@@ -327,7 +334,9 @@ class VectorizedGrid(InProcessGrid):
             )
         if len(jobs) == 1 and not self.exp.simulation.ray_address:
             client_store(self.exp, node.resolve_device(self.exp))  # once per run
-            threads = self.options.shard_cpus or node.client_threads(self.exp)
+            # the one shard is every client of the round: give it the CPUs
+            # the clients would share (as Ray shards get their share)
+            threads = self.options.shard_cpus or _local_cpus(self.exp)
             started = time.monotonic()
             with _torch_threads(threads):
                 results = [run_shard(self.exp, jobs[0])]
