@@ -36,10 +36,12 @@ HELLO = "query.hello"
 def partition_id(grid: Grid, node_id: int) -> int:
     """The partition id of ``node_id`` on ``grid``: what a strategy should key
     per-client state by, since node ids change from run to run (a resumed run
-    too) under Flower's runtimes. A grid that is not a :class:`FedsimGrid`
-    gives the node id itself."""
+    too) under Flower's runtimes. On a grid that is not a :class:`FedsimGrid`
+    it is the node's position among the grid's nodes."""
     partition_of = getattr(grid, "partition_of", None)
-    return int(partition_of(node_id)) if partition_of is not None else int(node_id)
+    if partition_of is not None:
+        return int(partition_of(node_id))
+    return list(grid.get_node_ids()).index(node_id)
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedsim import models, tasks
 from fedsim.exceptions import AggregationError, ConfigError
+from fedsim.grid import partition_id
 from fedsim.matching.assignments import carry_over_clients
 from fedsim.matching.permspec import select_units
 from fedsim.matching.select import (
@@ -246,8 +247,6 @@ class PFNMStrategy(FedAvg):
         """One message per sampled client: its own model, slice or the global one."""
         sampled = list(super().configure_train(server_round, arrays, config, grid))
         self._grid = grid
-        order = list(grid.get_node_ids())
-        partition_of = getattr(grid, "partition_of", None)
         state = {
             k: torch.from_numpy(np.array(array_to_numpy(a))) for k, a in arrays.items()
         }
@@ -257,7 +256,7 @@ class PFNMStrategy(FedAvg):
         messages, self._sent = [], {}
         for message in sampled:
             node = message.metadata.dst_node_id
-            pid = int(partition_of(node)) if partition_of else order.index(node)
+            pid = partition_id(grid, node)
             self._node_pid[node] = pid
             record, self._sent[pid] = self._payload(pid, arrays, state)
             content = RecordDict(
