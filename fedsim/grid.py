@@ -44,6 +44,21 @@ def partition_id(grid: Grid, node_id: int) -> int:
     return list(grid.get_node_ids()).index(node_id)
 
 
+def _in_sending_order(replies: list[Message], messages: list[Message]) -> list[Message]:
+    """``replies`` in the order of the messages they answer (by node).
+
+    Replies arrive in whatever order clients finish, and strategies sum their
+    updates in the order given: floating-point sums in arrival order made runs
+    of the same seed differ in the last digits, and drift apart over rounds.
+    """
+    position: dict[int, int] = {}
+    for i, message in enumerate(messages):
+        position.setdefault(message.metadata.dst_node_id, i)
+    return sorted(
+        replies, key=lambda r: position.get(r.metadata.src_node_id, len(messages))
+    )
+
+
 @dataclass(frozen=True)
 class NodeInfo:
     """What a node said about itself in reply to ``query.hello``."""
@@ -163,13 +178,14 @@ class FedsimGrid(Grid):
         Engines that run clients synchronously (``inner.synchronous``) apply the
         timeout themselves: a reply finished after the deadline is dropped.
         """
+        messages = list(messages)
         if getattr(self.inner, "synchronous", False):
             prepared = self._sending(messages)
             done = self._received(
                 self.inner.send_and_receive(prepared, timeout=timeout)
             )
             self.stats.timeouts += len(prepared) - len(done)
-            return done
+            return _in_sending_order(done, messages)
         pending = set(self.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
@@ -186,7 +202,7 @@ class FedsimGrid(Grid):
             else:
                 interval = 0.002
         self.stats.timeouts += len(pending)
-        return replies
+        return _in_sending_order(replies, messages)
 
     # -- fedsim additions ---------------------------------------------------
     def take_stats(self) -> PhaseStats:
