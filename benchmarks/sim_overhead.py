@@ -3,9 +3,10 @@
 For each client count N the benchmark runs the same R rounds twice:
 
 * **ideal**: every client update of every round run one after another in this
-  process (``fedsim.node.train_client``, exactly what a ClientApp does), divided
-  by the number of clients that can train in parallel
-  (``min(cohort, CPUs // client CPUs)``) and by R;
+  process (``fedsim.node.train_client``, exactly what a ClientApp does): the
+  median round's total, divided by the number of clients that can train in
+  parallel (``min(cohort, CPUs // client CPUs)``), measured right before each
+  engine's run and under the same malloc settings (:mod:`fedsim.malloc`);
 * **fedsim**: a real Ray simulation, on each engine asked for
   (``--engines flower sharded``): ``flower`` is Flower's own runtime, one Ray call
   per client message; ``sharded`` calls each Ray worker once per round with all
@@ -136,16 +137,19 @@ def ideal_round_seconds(exp, rounds: int, parallel: int) -> float:
     cohort = StrategyContext(
         num_clients=exp.num_clients, fraction_train=exp.fraction_train
     ).cohort_size()
-    total = 0.0
+    per_round = []
     for rnd in range(1, rounds + 1):
         random.seed(derive_seed(exp.seed, rnd, 1))
         clients = random.sample(range(exp.num_clients), cohort)
+        total = 0.0
         for pid in clients:
             data = node.node_data(exp, pid)
             start = time.perf_counter()
             node.train_client(exp, data, state, server_round=rnd, config={})
             total += time.perf_counter() - start
-    return total / rounds / max(1, min(cohort, parallel))
+        per_round.append(total)
+    # the median round, as for fedsim's rounds (the first pays for warm-up)
+    return statistics.median(per_round) / max(1, min(cohort, parallel))
 
 
 def run_case(
@@ -256,10 +260,15 @@ def main() -> None:
         EXTRA.extend(
             ["client.device=cuda", f"simulation.client_resources.num_gpus={args.gpu}"]
         )
+    from fedsim.malloc import tune_this_process
+
+    # the ideal runs under the malloc settings fedsim's runs get
+    tune_this_process()
     rows = []
     for n in args.clients:
-        ideal = ideal_for(n, args.rounds, args.fraction, args.cpus)
         for engine in args.engines:
+            # measured right before each run: this machine's speed drifts
+            ideal = ideal_for(n, args.rounds, args.fraction, args.cpus)
             rows.append(
                 run_case(n, args.rounds, args.fraction, args.cpus, engine, ideal)
             )

@@ -68,11 +68,16 @@ class CohortResult:
 
 
 def _where(active: torch.Tensor, new: Tensors, old: Tensors) -> Tensors:
-    """Per client: ``new`` where ``active``, else ``old``."""
+    """Per client: ``new`` where ``active``, else ``old`` (an optimiser
+    moment may still be its initial zero per client, ``(C,)``)."""
     out: Tensors = {}
     for key, value in old.items():
-        flag = active.reshape((-1,) + (1,) * (value.dim() - 1))
-        out[key] = torch.where(flag, new[key], value)
+        fresh = new[key]
+        trailing = (1,) * (fresh.dim() - 1)
+        flag = active.reshape((-1, *trailing))
+        if value.dim() < fresh.dim():
+            value = value.reshape((-1, *trailing))
+        out[key] = torch.where(flag, fresh, value)
     return out
 
 
@@ -170,6 +175,9 @@ class CohortTrainer:
     ) -> CohortResult:
         """Train ``clients`` (store ids) from their stacked initial ``states``.
 
+        The chunks' results stacked in the cohort's order (one copy of every
+        trained state; :meth:`train_chunks` leaves them apart).
+
         Parameters
         ----------
         states : dict of str to torch.Tensor
@@ -183,6 +191,24 @@ class CohortTrainer:
         max_chunk : int, optional
             Most clients trained in one batched call (default: all).
         """
+        pieces = self.train_chunks(
+            states, store, clients, generators, lr=lr, mu=mu, max_chunk=max_chunk
+        )
+        return _reassemble(pieces, len(clients))
+
+    def train_chunks(
+        self,
+        states: Tensors,
+        store: ClientStore,
+        clients: Sequence[int],
+        generators: Sequence[torch.Generator],
+        *,
+        lr: float | Sequence[float],
+        mu: float | Sequence[float] = 0.0,
+        max_chunk: int | None = None,
+    ) -> list[tuple[list[int], CohortResult]]:
+        """:meth:`train`, chunk by chunk: each chunk's clients (positions in
+        ``clients``) and its result, not copied into one stack."""
         size = len(clients)
         if size == 0:
             raise ValueError("a cohort needs at least one client")
@@ -207,7 +233,7 @@ class CohortTrainer:
             picked = torch.tensor(members, device=store.device)
             try:
                 result = self._train_chunk(
-                    {k: v.index_select(0, picked) for k, v in states.items()},
+                    {k: _pick(v, picked) for k, v in states.items()},
                     store,
                     [clients[i] for i in members],
                     [generators[i] for i in members],
@@ -223,7 +249,7 @@ class CohortTrainer:
                 continue
             pieces.append((members, result))
             at += len(members)
-        return _reassemble(pieces, size)
+        return pieces
 
     def _train_chunk(
         self,
@@ -384,6 +410,14 @@ def _stacked_optimizer_state(params: Tensors, cfg: Any) -> Tensors:
         k: torch.zeros((size, *v.shape), dtype=v.dtype, device=device)
         for k, v in single.items()
     }
+
+
+def _pick(stacked: torch.Tensor, clients: torch.Tensor) -> torch.Tensor:
+    """Rows ``clients`` of a stacked state; a state every client shares
+    (expanded, stride 0 along clients) stays shared, not copied per client."""
+    if stacked.dim() > 0 and stacked.stride(0) == 0:
+        return stacked[: clients.numel()]
+    return stacked.index_select(0, clients)
 
 
 def _rows(data: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,7 @@ def incoming_states(
 
 def train_reply(message: Message, result: ShardResult, row: int) -> Message:
     """The reply the ClientApp would send for this client's trained state."""
-    trained = {k: v[row] for k, v in result.states.items()}
+    trained = result.state(row)
     arrays = message.content["arrays"]
     server = message.content.get(SERVER_STATE_KEY)
     server_keys = set(server.keys()) if isinstance(server, ArrayRecord) else set()

@@ -58,9 +58,25 @@ class NpyArray(Array):
         plain.__dict__["_chunks"] = self.slice_array()  # already hashed
         return plain.deflate()
 
+    @classmethod
+    def of(cls, dtype: str, shape: tuple[int, ...], data: bytes) -> NpyArray:
+        """The NpyArray ``NpyArray(dtype, shape, "numpy.ndarray", data)`` gives,
+        without ``Array.__init__``'s argument dispatch and per-field
+        ``__setattr__`` (most of the cost of building a reply of a few tensors);
+        ``shape`` must be a tuple of ints and ``data`` bytes."""
+        arr = cls.__new__(cls)
+        fields = arr.__dict__
+        fields["dtype"] = dtype
+        fields["shape"] = shape
+        fields["stype"] = "numpy.ndarray"
+        fields["data"] = data
+        fields["_is_dirty"] = True  # as after __init__: never deflated
+        return arr
 
-#: ``.npy`` headers by (dtype, shape): a model's tensors have few shapes
-_NPY_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
+
+#: ``.npy`` headers and dtype names by (dtype, shape): a model's tensors have
+#: few shapes
+_NPY_HEADERS: dict[tuple[str, tuple[int, ...]], tuple[bytes, str]] = {}
 _MAX_HEADERS = 4096
 
 
@@ -77,20 +93,17 @@ def numpy_to_array(values: np.ndarray) -> NpyArray:
     if not values.flags.c_contiguous or values.dtype.hasobject:
         plain = Array(values)
         return NpyArray(plain.dtype, plain.shape, plain.stype, plain.data)
-    key = (values.dtype.str, tuple(values.shape))
-    header = _NPY_HEADERS.get(key)
-    if header is None:
+    shape = tuple(int(n) for n in values.shape)
+    key = (values.dtype.str, shape)
+    known = _NPY_HEADERS.get(key)
+    if known is None:
         plain = Array(values)
         if len(_NPY_HEADERS) >= _MAX_HEADERS:
             _NPY_HEADERS.clear()
-        _NPY_HEADERS[key] = plain.data[: len(plain.data) - values.nbytes]
-        header = _NPY_HEADERS[key]
-    return NpyArray(
-        dtype=str(values.dtype),
-        shape=tuple(values.shape),
-        stype="numpy.ndarray",
-        data=b"".join((header, values.data)),
-    )
+        known = (plain.data[: len(plain.data) - values.nbytes], plain.dtype)
+        _NPY_HEADERS[key] = known
+    header, dtype = known
+    return NpyArray.of(dtype, shape, b"".join((header, values.data)))
 
 
 def state_to_record(

@@ -21,6 +21,7 @@ from fedsim import tasks
 from fedsim.config import ExperimentConfig, compose, from_dictconfig
 from fedsim.data import DataSplits
 from fedsim.exceptions import ConfigError
+from fedsim.malloc import tune_this_process
 from fedsim.results import RESULTS_FILE, Results, load_results
 
 __all__ = ["open_results", "print_progress", "resolve_output_dir", "resume", "run"]
@@ -180,6 +181,9 @@ def _execute(
     from fedsim.server_app import build_server_app
     from fedsim.simulation import run_simulation
 
+    # this process decodes and aggregates every reply (and, in the in-process
+    # and vectorized engines, trains the clients): fedsim's malloc settings
+    tune_this_process()
     try:
         if exp.simulation.engine != "flower":
             grid = _engine_grid(exp, build_client_app(exp))

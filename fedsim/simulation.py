@@ -17,6 +17,7 @@ import warnings
 from typing import Any
 
 from fedsim.config import ExperimentConfig
+from fedsim.malloc import SETTINGS
 
 __all__ = [
     "backend_config",
@@ -38,23 +39,12 @@ def quiet(level: str = "ERROR") -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
-#: glibc malloc settings for every Ray worker fedsim starts. A client round
-#: allocates and frees the same large buffers over and over (the model's
-#: tensors and gradients, the message bytes: 0.6 MB each for the default MLP);
-#: by default glibc maps such blocks afresh and unmaps them again, and gives a
-#: freed heap top back to the system, so every round faults the pages in anew:
-#: 15,000 minor page faults per round in each sharded worker at 100 clients,
-#: about a fifth of its CPU time. Blocks under 32 MB from the heap, and up to
-#: 128 MB of free heap kept, bring that to 3,900 and a round from 0.22 s to
-#: 0.19 s (``benchmarks/sim_overhead.py``). glibc reads them at process start:
-#: fedsim passes them to the workers of its own ``ray.init`` as a runtime
-#: environment, and sets them (unless already set) in this process's
-#: environment before Flower starts Ray, whose processes inherit it.
-WORKER_MALLOC = {
-    "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
-    "MALLOC_TRIM_THRESHOLD_": str(128 << 20),
-    "MALLOC_TOP_PAD_": str(16 << 20),
-}
+#: glibc malloc settings (:data:`fedsim.malloc.SETTINGS`) for every process
+#: of the Ray that fedsim starts: glibc reads them at process start, so fedsim
+#: passes them to the workers of its own ``ray.init`` as a runtime environment
+#: and sets them (unless already set) in this process's environment before
+#: Flower starts Ray, whose processes inherit it.
+WORKER_MALLOC = SETTINGS
 
 
 def _init_ray(ray: Any, init_args: dict[str, Any]) -> None:

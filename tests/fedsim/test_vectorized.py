@@ -74,11 +74,10 @@ def test_shard_updates_equal_train_client(model: str, client: str) -> None:
         assert got.num_examples[row] == alone.metrics["num-examples"]
         assert got.num_steps[row] == alone.metrics["num-steps"]
         assert got.train_loss[row] == pytest.approx(alone.metrics["train_loss"], 1e-5)
-        assert list(got.states) == list(alone.state)
+        trained = got.state(row)
+        assert list(trained) == list(alone.state)
         for key, value in alone.state.items():
-            torch.testing.assert_close(
-                got.states[key][row], value, rtol=1e-5, atol=1e-6
-            )
+            torch.testing.assert_close(trained[key], value, rtol=1e-5, atol=1e-6)
 
 
 def _run(tmp_path: Path, name: str, *overrides: str) -> dict[str, Any]:
