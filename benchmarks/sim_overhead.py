@@ -7,10 +7,11 @@ For each client count N the benchmark runs the same R rounds twice:
   median round's total, divided by the number of clients that can train in
   parallel (``min(cohort, CPUs // client CPUs)``), measured right before each
   engine's run and under the same malloc settings (:mod:`fedsim.malloc`);
-* **fedsim**: a real Ray simulation, on each engine asked for
-  (``--engines flower sharded``): ``flower`` is Flower's own runtime, one Ray call
+* **fedsim**: a real simulation, on each engine asked for (``--engines``,
+  default all three): ``flower`` is Flower's own runtime on Ray, one Ray call
   per client message; ``sharded`` calls each Ray worker once per round with all
-  of its clients' messages.
+  of its clients' messages; ``vectorized`` trains the cohort batched in this
+  process and answers with the same reply messages.
 
 It prints the ideal per-round time; fedsim's median training-phase time per
 round after the first (``train_seconds``: the clients, the screening of their
@@ -159,7 +160,7 @@ def run_case(
     from fedsim.runner import run
 
     stamp = f"{clients}_{engine}_{time.time_ns()}"
-    out = ROOT / "outputs" / "bench" / f"sim_overhead_{stamp}"
+    out = OUT[0] / f"sim_overhead_{stamp}"
     exp = from_dictconfig(
         compose(
             [
@@ -211,6 +212,8 @@ def run_case(
 
 #: extra overrides for every run (``--gpu`` adds the CUDA ones)
 EXTRA: list[str] = []
+#: where the runs write their results (``--out``)
+OUT = [ROOT / "outputs" / "bench"]
 
 
 def experiment_overrides(clients: int, rounds: int, fraction: float) -> list[str]:
@@ -237,7 +240,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--fraction", type=float, default=1.0)
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--engines", nargs="+", default=["flower", "sharded"])
+    parser.add_argument(
+        "--engines", nargs="+", default=["flower", "sharded", "vectorized"]
+    )
     parser.add_argument(
         "--set",
         nargs="+",
@@ -254,7 +259,14 @@ def main() -> None:
         help="train on CUDA with this GPU share per client (0.25: four clients "
         "share one GPU); the ideal runs on CUDA too",
     )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=OUT[0],
+        help="folder for the runs' results (default: outputs/bench)",
+    )
     args = parser.parse_args()
+    OUT[0] = args.out
     EXTRA.extend(args.set)
     if args.gpu:
         EXTRA.extend(

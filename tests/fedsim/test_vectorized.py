@@ -313,3 +313,31 @@ def test_cohort_benchmark_prints_one_json_line_per_case(
         )
         assert row["device"] == "cpu" and row["threads"] == 1
         assert row["max_abs_diff"] < 1e-5  # both paths trained the same weights
+
+
+def test_overhead_benchmark_reports_the_ratio_to_its_ideal(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    import runpy
+
+    argv = ["sim_overhead.py", "--clients", "6", "--rounds", "3"]
+    argv += ["--engines", "vectorized", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    before = torch.get_num_threads()
+    try:
+        runpy.run_path(
+            str(ROOT / "benchmarks" / "sim_overhead.py"), run_name="__main__"
+        )
+    finally:
+        torch.set_num_threads(before)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+    (row,) = [json.loads(ln) for ln in lines]
+    assert (row["engine"], row["clients"], row["cohort"]) == ("vectorized", 6, 6)
+    assert row["ideal_round_s"] > 0 and row["round_s"] > 0
+    # (both rounded in the JSON line)
+    assert row["ratio"] == pytest.approx(row["round_s"] / row["ideal_round_s"], 0.05)
+    assert row["client_s"] <= row["round_s"]  # the client phase is part of it
+    assert row["peak_rss_gib"] > 0
+    assert len(list(tmp_path.glob("sim_overhead_6_vectorized_*/results.json"))) == 1
