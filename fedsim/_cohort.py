@@ -23,7 +23,6 @@ check ``benchmarks/gpu_cohort_check.py`` runs it on a bare torch machine).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +32,7 @@ from torch import nn
 from torch.func import vmap
 
 from fedsim._batch_mask import mask_batchnorm
+from fedsim._cohort_memory import Footprint, footprint, is_out_of_memory, memory_budget
 from fedsim._cohort_plan import ClientStore, CohortPlan, make_plan
 from fedsim.train import Penalty, init_optimizer_state, make_step
 
@@ -79,12 +79,6 @@ def _where(active: torch.Tensor, new: Tensors, old: Tensors) -> Tensors:
             value = value.reshape((-1, *trailing))
         out[key] = torch.where(flag, fresh, value)
     return out
-
-
-def _is_out_of_memory(err: BaseException) -> bool:
-    return isinstance(err, torch.cuda.OutOfMemoryError) or (
-        isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
-    )
 
 
 class CohortTrainer:
@@ -241,7 +235,7 @@ class CohortTrainer:
                     [mus[i] for i in members],
                 )
             except Exception as err:
-                if not _is_out_of_memory(err) or chunk == 1:
+                if not is_out_of_memory(err) or chunk == 1:
                     raise
                 chunk = max(1, chunk // 2)
                 if store.device.type == "cuda":
@@ -324,75 +318,11 @@ class CohortTrainer:
 
     # -- memory ---------------------------------------------------------------
     def footprint(self, sample: torch.Tensor) -> Footprint:
-        """Estimated memory one client of a batched step needs.
-
-        Counts the state (parameters, their new values, gradients, optimiser
-        moments, FedProx anchors) and the activations of one batch, measured
-        by a forward pass over ``sample`` (a few rows of real data) and scaled
-        to the batch size (x3 for saved activations and their gradients).
-        """
-        state = self.runner.state_dict().values()
-        state_bytes = sum(v.numel() * v.element_size() for v in state)
-        if self.cfg.optimizer == "sgd":
-            moments = 1 if self.cfg.momentum > 0 else 0
-        else:
-            moments = 3 if self.cfg.amsgrad else 2
-        copies = 4 + 2 * moments + (1 if self.proximal is not None else 0)
-        sizes: list[int] = []
-
-        def count(_: nn.Module, __: Any, out: Any) -> None:
-            for t in out if isinstance(out, tuple | list) else (out,):
-                if isinstance(t, torch.Tensor):
-                    sizes.append(t.numel() * t.element_size())
-
-        probe = copy.deepcopy(self.runner)
-        hooks = [m.register_forward_hook(count) for m in probe.modules()]
-        try:
-            with torch.no_grad():
-                probe(sample)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        scale = self.cfg.batch_size / max(1, int(sample.shape[0]))
-        data = 2 * self.cfg.batch_size * sample[0].numel() * sample.element_size()
-        activations = int(3 * sum(sizes) * scale)
-        largest = max(
-            [v.numel() * v.element_size() for v in state] + [int(max(sizes) * scale)]
+        """Estimated memory one client of a batched step needs
+        (:func:`fedsim._cohort_memory.footprint`)."""
+        return footprint(
+            self.runner, self.cfg, sample, proximal=self.proximal is not None
         )
-        return Footprint(
-            total=copies * state_bytes + activations + data, largest=largest
-        )
-
-
-@dataclass(frozen=True)
-class Footprint:
-    """Bytes one client of a batched step needs (all told, and its largest tensor)."""
-
-    total: int
-    largest: int
-
-
-def memory_budget(device: torch.device, fraction: float = 0.5) -> int:
-    """Bytes a cohort may use on ``device``: ``fraction`` of its free memory.
-
-    CUDA: the device's free memory; CPU: ``MemAvailable`` of ``/proc/meminfo``
-    (4 GiB when it cannot be read).
-    """
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction={fraction} must be in (0, 1]")
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * fraction)
-    available = 4 * 2**30
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-                    break
-    except OSError:
-        pass
-    return int(available * fraction)
 
 
 def _copy_generator(gen: torch.Generator) -> torch.Generator:

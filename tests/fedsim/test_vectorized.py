@@ -290,22 +290,30 @@ def test_gpu_check_script_runs_on_cpu_without_flower_ray_or_hydra() -> None:
         assert row["sequential_s"] > 0 and row["batched_s"] > 0
 
 
-def test_cohort_benchmark_prints_one_json_line_per_case(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _benchmark_rows(
+    script: str,
+    argv: list[str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> list[dict[str, Any]]:
+    """Run ``benchmarks/<script>`` with ``argv``; the JSON lines it printed."""
     import runpy
 
-    argv = ["cohort_engine.py", "--clients", "4", "--repeats", "1"]
-    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(sys, "argv", [script, *argv])
     before = torch.get_num_threads()
     try:
-        runpy.run_path(
-            str(ROOT / "benchmarks" / "cohort_engine.py"), run_name="__main__"
-        )
+        runpy.run_path(str(ROOT / "benchmarks" / script), run_name="__main__")
     finally:
         torch.set_num_threads(before)
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
-    rows = [json.loads(ln) for ln in lines]
+    return [json.loads(ln) for ln in lines]
+
+
+def test_cohort_benchmark_prints_one_json_line_per_case(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    argv = ["--clients", "4", "--repeats", "1"]
+    rows = _benchmark_rows("cohort_engine.py", argv, capsys, monkeypatch)
     assert [(r["model"], r["clients"]) for r in rows] == [("mlp", 4), ("cnn", 4)]
     for row in rows:
         assert row["speedup"] == pytest.approx(
@@ -320,20 +328,9 @@ def test_overhead_benchmark_reports_the_ratio_to_its_ideal(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
-    import runpy
-
-    argv = ["sim_overhead.py", "--clients", "6", "--rounds", "3"]
-    argv += ["--engines", "vectorized", "--out", str(tmp_path)]
-    monkeypatch.setattr(sys, "argv", argv)
-    before = torch.get_num_threads()
-    try:
-        runpy.run_path(
-            str(ROOT / "benchmarks" / "sim_overhead.py"), run_name="__main__"
-        )
-    finally:
-        torch.set_num_threads(before)
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
-    (row,) = [json.loads(ln) for ln in lines]
+    argv = ["--clients", "6", "--rounds", "3", "--engines", "vectorized"]
+    argv += ["--out", str(tmp_path)]
+    (row,) = _benchmark_rows("sim_overhead.py", argv, capsys, monkeypatch)
     assert (row["engine"], row["clients"], row["cohort"]) == ("vectorized", 6, 6)
     assert row["ideal_round_s"] > 0 and row["round_s"] > 0
     # (both rounded in the JSON line)
