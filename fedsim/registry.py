@@ -9,6 +9,7 @@ same string; ``tests/test_configs.py`` enforces it.
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
@@ -90,16 +91,29 @@ class Registry(Generic[T]):
         return factory(**kwargs)
 
 
-def check_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any], what: str) -> None:
-    """Raise :class:`ConfigError` if ``fn`` does not accept every key of ``kwargs``."""
+@functools.lru_cache(maxsize=1024)
+def _keywords(fn: Callable[..., Any]) -> tuple[str, ...] | None:
+    """The keyword arguments ``fn`` accepts (``None``: any). Cached: a client
+    builds its task and model every round, and ``inspect.signature`` costs
+    tens of microseconds a call."""
     params = inspect.signature(fn).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    accepted = [
+        return None
+    return tuple(
         n
         for n, p in params.items()
         if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
+    )
+
+
+def check_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any], what: str) -> None:
+    """Raise :class:`ConfigError` if ``fn`` does not accept every key of ``kwargs``."""
+    try:
+        accepted = _keywords(fn)
+    except TypeError:  # an unhashable callable: not cached
+        accepted = _keywords.__wrapped__(fn)
+    if accepted is None:
+        return
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise ConfigError(
