@@ -27,14 +27,10 @@ from fedsim.matching.permspec import PermutationSpec, select_units
 from fedsim.params import state_to_record
 from fedsim.plasticity import (
     FISHER_RECORD,
-    FISHER_SAMPLES,
-    WPL_ALPHA,
-    decayed,
-    normalise,
     weighted_mean,
 )
 from fedsim.strategy import STRATEGIES, StrategyContext
-from strategies._fisher import check_wpl_options, fits, take_fisher
+from strategies._fisher import WPLOptions, fits, take_fisher
 
 __all__ = ["FedAvgWPL", "fedavg_wpl"]
 
@@ -70,20 +66,20 @@ class FedAvgWPL(FedAvg):
         **kwargs: object,
     ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
-        check_wpl_options(alpha, decay, normalize, clip, fisher_samples)
-        self.alpha = alpha
-        self.decay = decay
-        self.normalize = normalize
-        self.clip = clip
-        self.fisher_samples = fisher_samples
+        self.wpl = WPLOptions(
+            alpha=alpha,
+            decay=decay,
+            normalize=normalize,
+            clip=clip,
+            fisher_samples=fisher_samples,
+        )
         self.fisher: dict[str, torch.Tensor] | None = None
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """FedAvg's messages with ``alpha``, the Fisher request and ``F``."""
-        config[WPL_ALPHA] = float(self.alpha)
-        config[FISHER_SAMPLES] = int(self.fisher_samples)
+        self.wpl.ask(config)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         if self.fisher is not None and not fits(self.fisher, arrays):
             # the global model changed widths in a way nobody told us about
@@ -105,9 +101,7 @@ class FedAvgWPL(FedAvg):
             mean = weighted_mean(
                 [c.fisher for c in taken], [c.num_examples for c in taken]
             )
-            self.fisher = decayed(
-                self.fisher, normalise(mean, self.normalize, self.clip), self.decay
-            )
+            self.fisher = self.wpl.fold(self.fisher, mean)
         return arrays, metrics
 
     def select_units(self, spec: PermutationSpec, group: str, keep: np.ndarray) -> None:

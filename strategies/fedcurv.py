@@ -40,7 +40,7 @@ from fedsim.plasticity import (
     leave_out,
 )
 from fedsim.strategy import STRATEGIES, StrategyContext
-from strategies._fisher import fits, take_fisher
+from strategies._fisher import check_fisher_samples, fits, take_fisher
 
 __all__ = ["FedCurv", "fedcurv"]
 
@@ -64,10 +64,7 @@ class FedCurv(FedAvg):
         super().__init__(**kwargs)  # type: ignore[arg-type]
         if lam < 0:
             raise ConfigError(f"strategy.lam={lam} must be zero or positive")
-        if fisher_samples < 1:
-            raise ConfigError(
-                f"strategy.fisher_samples={fisher_samples} must be at least 1"
-            )
+        check_fisher_samples(fisher_samples)
         self.lam = lam
         self.fisher_samples = fisher_samples
         #: previous round's clients: partition id -> (Fisher, trained weights)

@@ -47,14 +47,10 @@ from fedsim.matching.select import Hyper
 from fedsim.params import record_to_state, state_to_record
 from fedsim.plasticity import (
     FISHER_RECORD,
-    FISHER_SAMPLES,
-    WPL_ALPHA,
-    decayed,
-    normalise,
     weighted_mean,
 )
 from fedsim.strategy import STRATEGIES, StrategyContext
-from strategies._fisher import ClientFisher, check_wpl_options, fits, take_fisher
+from strategies._fisher import ClientFisher, WPLOptions, fits, take_fisher
 from strategies.pfnm import PFNMStrategy
 
 __all__ = ["PFNMWPL", "fisher_slice", "pfnm_wpl", "to_global"]
@@ -145,12 +141,13 @@ class PFNMWPL(PFNMStrategy):
         **pfnm: Any,
     ) -> None:
         super().__init__(**pfnm)
-        check_wpl_options(alpha, decay, normalize, clip, fisher_samples)
-        self.alpha = alpha
-        self.decay = decay
-        self.normalize = normalize
-        self.clip = clip
-        self.fisher_samples = fisher_samples
+        self.wpl = WPLOptions(
+            alpha=alpha,
+            decay=decay,
+            normalize=normalize,
+            clip=clip,
+            fisher_samples=fisher_samples,
+        )
         #: the Fisher at the global widths, in global atom order
         self.fisher: Tensors | None = None
         self._fisher_sent: dict[int, Tensors] = {}  # this round's slice per client
@@ -159,8 +156,7 @@ class PFNMWPL(PFNMStrategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """PFNM's messages with ``alpha``, the Fisher request and each one's ``F``."""
-        config[WPL_ALPHA] = float(self.alpha)
-        config[FISHER_SAMPLES] = int(self.fisher_samples)
+        self.wpl.ask(config)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._fisher_sent = {}
         if self.fisher is not None and not fits(self.fisher, arrays):
@@ -201,9 +197,8 @@ class PFNMWPL(PFNMStrategy):
             if carried[1] is not None:
                 memory.append(carried[1])
                 memory_weights.append(client.num_examples)
-        new = normalise(weighted_mean(fresh, fresh_weights), self.normalize, self.clip)
         old = weighted_mean(memory, memory_weights) if memory else None
-        self.fisher = decayed(old, new, self.decay)
+        self.fisher = self.wpl.fold(old, weighted_mean(fresh, fresh_weights))
         return arrays, metrics
 
     def _carried(
