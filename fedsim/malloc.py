@@ -24,7 +24,7 @@ import ctypes
 import ctypes.util
 import os
 
-__all__ = ["SETTINGS", "tune_this_process"]
+__all__ = ["SETTINGS", "environment", "tune_this_process"]
 
 #: Environment variables glibc reads at process start, and their values.
 SETTINGS = {
@@ -45,6 +45,12 @@ _STATE = {"tuned": False}
 # what glibc read from the environment when this process started (fedsim
 # itself exports SETTINGS later, for the Ray processes it starts)
 _FROM_START = frozenset(key for key in SETTINGS if key in os.environ)
+
+
+def environment() -> dict[str, str]:
+    """:data:`SETTINGS` as environment variables for the processes this one
+    starts (Ray's); a value already in this process's environment wins."""
+    return {key: os.environ.get(key, value) for key, value in SETTINGS.items()}
 
 
 def tune_this_process() -> list[str]:

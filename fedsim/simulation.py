@@ -16,8 +16,8 @@ import os
 import warnings
 from typing import Any
 
+from fedsim import malloc
 from fedsim.config import ExperimentConfig
-from fedsim.malloc import SETTINGS
 
 __all__ = [
     "backend_config",
@@ -39,19 +39,10 @@ def quiet(level: str = "ERROR") -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
-#: glibc malloc settings (:data:`fedsim.malloc.SETTINGS`) for every process
-#: of the Ray that fedsim starts: glibc reads them at process start, so fedsim
-#: passes them to the workers of its own ``ray.init`` as a runtime environment
-#: and sets them (unless already set) in this process's environment before
-#: Flower starts Ray, whose processes inherit it.
-WORKER_MALLOC = SETTINGS
-
-
 def _init_ray(ray: Any, init_args: dict[str, Any]) -> None:
-    """``ray.init`` with fedsim's worker environment (:data:`WORKER_MALLOC`;
-    a value already set in this process's environment wins)."""
-    env = {key: os.environ.get(key, value) for key, value in WORKER_MALLOC.items()}
-    ray.init(runtime_env={"env_vars": env}, **init_args)
+    """``ray.init`` whose processes start with fedsim's malloc settings
+    (:func:`fedsim.malloc.environment`: glibc reads them at process start)."""
+    ray.init(runtime_env={"env_vars": malloc.environment()}, **init_args)
 
 
 def backend_config(exp: ExperimentConfig) -> dict[str, Any]:
@@ -87,8 +78,8 @@ def run_simulation(server_app: Any, client_app: Any, exp: ExperimentConfig) -> N
     if exp.simulation.ray_address and not ray.is_initialized():
         # Flower only calls ray.init when Ray is not running: attach ourselves.
         _init_ray(ray, config["init_args"])
-    for key, value in WORKER_MALLOC.items():  # for the Ray that Flower starts
-        os.environ.setdefault(key, value)
+    # the Ray that Flower starts inherits this process's environment
+    os.environ.update(malloc.environment())
     flwr_run_simulation(
         server_app=server_app,
         client_app=client_app,

@@ -80,7 +80,7 @@ def test_sharded_engine_equals_the_in_process_engine(tmp_path: Path) -> None:
 def test_ray_workers_get_the_malloc_settings_unless_the_user_set_them(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from fedsim import simulation
+    from fedsim import malloc, simulation
     from fedsim.config import compose, from_dictconfig
 
     monkeypatch.setenv("MALLOC_TOP_PAD_", "12345")  # the user's own choice
@@ -93,10 +93,10 @@ def test_ray_workers_get_the_malloc_settings_unless_the_user_set_them(
         def environment() -> dict[str, str | None]:
             import os
 
-            return {key: os.environ.get(key) for key in simulation.WORKER_MALLOC}
+            return {key: os.environ.get(key) for key in malloc.SETTINGS}
 
         seen = ray.get(environment.remote())
     finally:
         ray.shutdown()
-    expected = dict(simulation.WORKER_MALLOC, MALLOC_TOP_PAD_="12345")
+    expected = dict(malloc.SETTINGS, MALLOC_TOP_PAD_="12345")
     assert seen == expected
