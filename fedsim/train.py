@@ -101,8 +101,8 @@ def optimizer_update(
     """One optimiser step, written out functionally (same maths as torch.optim).
 
     The first SGD-momentum step gives the buffer the gradient itself, as
-    ``torch.optim.SGD`` does: the buffer starts at zero
-    (:func:`init_optimizer_state`, a 0-d zero), so ``g + momentum * 0`` is ``g`` with no
+    ``torch.optim.SGD`` does: the buffer starts at zero (a 0-d zero, see
+    :func:`init_optimizer_state`), so ``g + momentum * 0`` is ``g`` with no
     per-client branch (a ``torch.where`` over every weight, a fifth of a
     vmapped cohort step). ``grads`` may be modified in place.
     """
