@@ -272,8 +272,18 @@ def main() -> None:
         EXTRA.extend(
             ["client.device=cuda", f"simulation.client_resources.num_gpus={args.gpu}"]
         )
+    from fedsim.config import compose, from_dictconfig
+    from fedsim.exceptions import ConfigError
     from fedsim.malloc import tune_this_process
 
+    # every case's experiment is checked before anything runs or is written
+    for n in args.clients:
+        for engine in args.engines:
+            overrides = experiment_overrides(n, args.rounds, args.fraction)
+            try:
+                from_dictconfig(compose([*overrides, f"simulation.engine={engine}"]))
+            except ConfigError as err:
+                parser.error(str(err))
     # the ideal runs under the malloc settings fedsim's runs get
     tune_this_process()
     rows = []

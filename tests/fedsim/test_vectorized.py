@@ -338,3 +338,21 @@ def test_overhead_benchmark_reports_the_ratio_to_its_ideal(
     assert row["client_s"] <= row["round_s"]  # the client phase is part of it
     assert row["peak_rss_gib"] > 0
     assert len(list(tmp_path.glob("sim_overhead_6_vectorized_*/results.json"))) == 1
+
+
+def test_overhead_benchmark_refuses_a_bad_case_before_running_any(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    argv = ["--clients", "4", "--rounds", "2", "--engines", "vectorized", "bogus"]
+    argv += ["--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as stop:
+        _benchmark_rows("sim_overhead.py", argv, capsys, monkeypatch)
+    assert stop.value.code == 2
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert said == (
+        "sim_overhead.py: error: simulation.engine='bogus' is not allowed; it "
+        "must be one of: flower, sharded, inprocess, vectorized"
+    )
+    assert not (tmp_path / "out").exists()  # the good case did not run either
